@@ -1,0 +1,61 @@
+"""nvlm_engine: run NVIDIA's NVLM-D from its published checkpoint, without remote code.
+
+    from nvlm_engine import NVLMEngine
+    engine = NVLMEngine.from_pretrained("/models/NVLM-D-72B")
+    result = engine.generate([{"role": "user", "content": [
+        {"type": "image", "image": "invoice.png"}, {"type": "text", "text": "What is the total?"}]}])
+    print(result.text, result.finish_reason, result.usage)
+
+Knows nothing of LangChain, HTTP or command lines.
+"""
+
+from .config import LLMConfig, NVLMConfig, VisionConfig
+from .devices import DeviceMapError
+from .engine import GenerationStream, ImagePolicy, NVLMEngine
+from .errors import (
+    CheckpointError,
+    CheckpointTensorError,
+    ContextLengthError,
+    GenerationOptionsError,
+    ImageDecodeError,
+    ImageError,
+    ImageSourceError,
+    ImageTooLargeError,
+    NVLMError,
+    PromptError,
+    UnsafeCheckpointError,
+)
+from .generation import GenerationResult, PreparedRequest, Usage
+from .images import load_image
+from .prompts import PromptDialect
+from .sampling import SamplingOptions
+from .tiling import TiledImage, preprocess_image
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointTensorError",
+    "ContextLengthError",
+    "DeviceMapError",
+    "GenerationOptionsError",
+    "GenerationResult",
+    "GenerationStream",
+    "ImageDecodeError",
+    "ImageError",
+    "ImagePolicy",
+    "ImageSourceError",
+    "ImageTooLargeError",
+    "LLMConfig",
+    "NVLMConfig",
+    "NVLMEngine",
+    "NVLMError",
+    "PreparedRequest",
+    "PromptDialect",
+    "PromptError",
+    "SamplingOptions",
+    "TiledImage",
+    "UnsafeCheckpointError",
+    "Usage",
+    "VisionConfig",
+    "load_image",
+    "preprocess_image",
+]

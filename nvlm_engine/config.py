@@ -1,0 +1,373 @@
+"""Configuration of an NVLM-D checkpoint, parsed from its published `config.json`.
+
+Knows the schema of the NVLM-D Hugging Face config and its quirks; knows nothing of weights,
+tokenizers or devices. The dataclasses are plain and validated in `__post_init__`; the LLM part
+converts itself to a `transformers.Qwen2Config` because the LLM *is* transformers' Qwen2.
+
+Quirks of the published file, each handled here once:
+- `llm_config.model_type` is `"llama"` although the LLM is Qwen2 (`architectures` says so);
+- `llm_config.rope_scaling` is `{"type": "dynamic", "factor": 3}`: plain RoPE up to
+  `max_position_embeddings` (32,768) and dynamic NTK scaling only beyond, so within the default
+  context we use plain RoPE (identical numbers, and no per-step device sync for the check);
+- `llm_config.top_p` is `0` and `top_k` is `1`: not usable sampling settings, never passed on;
+- the vision tower's attention is padded with dummy heads (25 real + 7 zero heads in the 72B
+  checkpoint) which `config.json` does not mention: the count is derived, see `VisionConfig`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+# Megatron trained InternViT with tensor parallelism 8 and so padded the head count up to a
+# multiple of 8 with zero heads (SPEC section 2).
+_DUMMY_HEAD_MULTIPLE = 8
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """InternViT (the vision tower), as in `config.json`'s `vision_config`."""
+
+    hidden_size: int = 3200
+    intermediate_size: int = 12800
+    num_attention_heads: int = 25
+    num_hidden_layers: int = 45
+    patch_size: int = 14
+    image_size: int = 448
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+    norm_type: str = "rms_norm"
+    qk_normalization: bool = True
+    qkv_bias: bool = False
+    hidden_act: str = "gelu"
+    # Zero heads appended to the real ones in the checkpoint. None: derive as Megatron did
+    # (pad to a multiple of 8); the loader overrides it from the tensor shapes it reads.
+    num_dummy_heads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise CheckpointError(
+                f"vision_config.hidden_size ({self.hidden_size}) is not divisible by "
+                f"num_attention_heads ({self.num_attention_heads}); this is not an InternViT config."
+            )
+        if self.image_size % self.patch_size:
+            raise CheckpointError(
+                f"vision_config.image_size ({self.image_size}) is not a multiple of patch_size ({self.patch_size})."
+            )
+        if self.norm_type not in ("rms_norm", "layer_norm"):
+            raise CheckpointError(f"vision_config.norm_type must be 'rms_norm' or 'layer_norm', got {self.norm_type!r}.")
+        if self.hidden_act != "gelu":
+            raise CheckpointError(f"vision_config.hidden_act must be 'gelu', got {self.hidden_act!r}.")
+        if self.num_dummy_heads is None:
+            padded = math.ceil(self.num_attention_heads / _DUMMY_HEAD_MULTIPLE) * _DUMMY_HEAD_MULTIPLE
+            object.__setattr__(self, "num_dummy_heads", padded - self.num_attention_heads)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def total_heads(self) -> int:
+        """Heads stored in the checkpoint: real plus dummy."""
+        assert self.num_dummy_heads is not None
+        return self.num_attention_heads + self.num_dummy_heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """The Qwen2 language model, as in `config.json`'s `llm_config`."""
+
+    vocab_size: int = 152064
+    hidden_size: int = 8192
+    intermediate_size: int = 29568
+    num_hidden_layers: int = 80
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 8
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 32768
+    rope_scaling_type: str | None = "dynamic"
+    rope_scaling_factor: float = 3.0
+    tie_word_embeddings: bool = False
+    eos_token_id: int = 151645
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise CheckpointError(
+                f"llm_config.hidden_size ({self.hidden_size}) is not divisible by "
+                f"num_attention_heads ({self.num_attention_heads})."
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise CheckpointError(
+                f"llm_config.num_attention_heads ({self.num_attention_heads}) is not a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})."
+            )
+        if self.rope_scaling_type not in (None, "dynamic"):
+            raise CheckpointError(
+                f"llm_config.rope_scaling type {self.rope_scaling_type!r} is not supported; "
+                "NVLM-D uses 'dynamic' (or none)."
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def max_context_length(self) -> int:
+        """The longest context the model supports: dynamic NTK stretches RoPE by `factor`."""
+        if self.rope_scaling_type == "dynamic":
+            return int(self.max_position_embeddings * self.rope_scaling_factor)
+        return self.max_position_embeddings
+
+    def to_transformers(self, context_length: int) -> Any:
+        """A `transformers.Qwen2Config` for a model that will see at most `context_length` tokens.
+
+        Within `max_position_embeddings`, dynamic NTK RoPE equals plain RoPE (the reference's
+        numbers), so plain RoPE is used; beyond it, transformers' dynamic RoPE.
+        """
+        from transformers import Qwen2Config
+
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if context_length > self.max_position_embeddings and self.rope_scaling_type == "dynamic":
+            rope = {"rope_type": "dynamic", "rope_theta": self.rope_theta, "factor": self.rope_scaling_factor}
+        config = Qwen2Config(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            hidden_act="silu",
+            max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_parameters=rope,
+            tie_word_embeddings=self.tie_word_embeddings,
+            use_sliding_window=False,
+            eos_token_id=self.eos_token_id,
+        )
+        config._attn_implementation = "sdpa"
+        return config
+
+
+@dataclass(frozen=True)
+class NVLMConfig:
+    """The whole NVLM-D model: vision tower, pixel shuffle + projector, LLM, image tiling."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    downsample_ratio: float = 0.5
+    ps_version: str = "v2"
+    select_layer: int = -1
+    max_dynamic_patch: int = 6
+    min_dynamic_patch: int = 1
+    use_thumbnail: bool = True
+    torch_dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if self.ps_version not in ("v1", "v2"):
+            raise CheckpointError(f"ps_version must be 'v1' or 'v2', got {self.ps_version!r}.")
+        grid = self.vision.image_size // self.vision.patch_size
+        scale = int(round(1 / self.downsample_ratio))
+        if scale * self.downsample_ratio != 1 or grid % scale:
+            raise CheckpointError(
+                f"downsample_ratio {self.downsample_ratio} does not divide the {grid}x{grid} patch grid."
+            )
+        if not -self.vision.num_hidden_layers <= self.select_layer < 0:
+            raise CheckpointError(
+                f"select_layer {self.select_layer} must be negative and within the "
+                f"{self.vision.num_hidden_layers} vision layers."
+            )
+        if not 1 <= self.min_dynamic_patch <= self.max_dynamic_patch:
+            raise CheckpointError(
+                f"min_dynamic_patch ({self.min_dynamic_patch}) and max_dynamic_patch "
+                f"({self.max_dynamic_patch}) must satisfy 1 <= min <= max."
+            )
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """LLM tokens per 448x448 tile after pixel shuffle (256 for NVLM-D)."""
+        return int(self.vision.num_patches * self.downsample_ratio**2)
+
+    @property
+    def projector_in_features(self) -> int:
+        return int(self.vision.hidden_size / self.downsample_ratio**2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NVLMConfig:
+        """Parse the published `config.json` content. Unknown keys are ignored."""
+        architectures = data.get("architectures") or []
+        if data.get("model_type") != "NVLM_D" and "NVLM_D" not in architectures:
+            raise CheckpointError(
+                f"config.json describes model_type={data.get('model_type')!r} "
+                f"(architectures={architectures}), not NVLM-D; point the engine at an NVLM-D checkpoint "
+                "such as nvidia/NVLM-D-72B."
+            )
+        try:
+            vision_raw = data["vision_config"]
+            llm_raw = data["llm_config"]
+        except KeyError as e:
+            raise CheckpointError(f"config.json has no {e.args[0]!r} section; it is not an NVLM-D config.") from e
+        llm_arch = (llm_raw.get("architectures") or ["Qwen2ForCausalLM"])[0]
+        if llm_arch != "Qwen2ForCausalLM":
+            # The published file says model_type "llama"; architectures is what the reference reads.
+            raise CheckpointError(f"llm_config.architectures is {llm_arch!r}; only Qwen2ForCausalLM is supported.")
+        return cls(
+            vision=_parse_vision(vision_raw),
+            llm=_parse_llm(llm_raw),
+            downsample_ratio=float(data.get("downsample_ratio", 0.5)),
+            ps_version=str(data.get("ps_version", "v2")),
+            select_layer=int(data.get("select_layer", -1)),
+            max_dynamic_patch=int(data.get("max_dynamic_patch", 6)),
+            min_dynamic_patch=int(data.get("min_dynamic_patch", 1)),
+            use_thumbnail=bool(data.get("use_thumbnail", True)),
+            torch_dtype=str(data.get("torch_dtype") or "bfloat16"),
+        )
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> NVLMConfig:
+        """Read `config.json` of a checkpoint folder."""
+        path = Path(folder) / "config.json"
+        if not path.is_file():
+            raise CheckpointError(
+                f"No config.json in {Path(folder)}: expected an NVLM-D checkpoint folder "
+                "(config.json, model.safetensors.index.json, *.safetensors, tokenizer files)."
+            )
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path} is not readable JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}.")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The published schema (with its quirks), for writing test checkpoints."""
+        v, m = self.vision, self.llm
+        llm_config: dict[str, Any] = {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "llama",  # sic: the published quirk
+            "attention_bias": True,
+            "bos_token_id": 151643,
+            "eos_token_id": m.eos_token_id,
+            "hidden_act": "silu",
+            "hidden_size": m.hidden_size,
+            "intermediate_size": m.intermediate_size,
+            "max_position_embeddings": m.max_position_embeddings,
+            "num_attention_heads": m.num_attention_heads,
+            "num_hidden_layers": m.num_hidden_layers,
+            "num_key_value_heads": m.num_key_value_heads,
+            "rms_norm_eps": m.rms_norm_eps,
+            "rope_theta": m.rope_theta,
+            "rope_scaling": (
+                {"factor": m.rope_scaling_factor, "type": m.rope_scaling_type} if m.rope_scaling_type else None
+            ),
+            "tie_word_embeddings": m.tie_word_embeddings,
+            "torch_dtype": "bfloat16",
+            "vocab_size": m.vocab_size,
+            "do_sample": False,
+            "top_k": 1,
+            "top_p": 0,  # sic: the published quirk
+            "temperature": 1.0,
+            "repetition_penalty": 1.0,
+        }
+        vision_config: dict[str, Any] = {
+            "architectures": ["InternVisionModel"],
+            "model_type": "intern_vit_6b",
+            "hidden_size": v.hidden_size,
+            "intermediate_size": v.intermediate_size,
+            "num_attention_heads": v.num_attention_heads,
+            "num_hidden_layers": v.num_hidden_layers,
+            "patch_size": v.patch_size,
+            "image_size": v.image_size,
+            "num_channels": v.num_channels,
+            "layer_norm_eps": v.layer_norm_eps,
+            "norm_type": v.norm_type,
+            "qk_normalization": v.qk_normalization,
+            "qkv_bias": v.qkv_bias,
+            "hidden_act": v.hidden_act,
+            "use_flash_attn": True,
+            "torch_dtype": "bfloat16",
+        }
+        return {
+            "architectures": ["NVLM_D"],
+            "auto_map": {
+                "AutoConfig": "configuration_nvlm_d.NVLM_D_Config",
+                "AutoModel": "modeling_nvlm_d.NVLM_D_Model",
+                "AutoModelForCausalLM": "modeling_nvlm_d.NVLM_D_Model",
+            },
+            "model_type": "NVLM_D",
+            "downsample_ratio": self.downsample_ratio,
+            "dynamic_image_size": True,
+            "force_image_size": v.image_size,
+            "llm_config": llm_config,
+            "max_dynamic_patch": self.max_dynamic_patch,
+            "min_dynamic_patch": self.min_dynamic_patch,
+            "ps_version": self.ps_version,
+            "select_layer": self.select_layer,
+            "template": "chatml",
+            "torch_dtype": "bfloat16",
+            "use_thumbnail": self.use_thumbnail,
+            "vision_config": vision_config,
+        }
+
+
+def _parse_vision(raw: dict[str, Any]) -> VisionConfig:
+    defaults = VisionConfig()
+    return VisionConfig(
+        hidden_size=int(raw.get("hidden_size", defaults.hidden_size)),
+        intermediate_size=int(raw.get("intermediate_size", defaults.intermediate_size)),
+        num_attention_heads=int(raw.get("num_attention_heads", defaults.num_attention_heads)),
+        num_hidden_layers=int(raw.get("num_hidden_layers", defaults.num_hidden_layers)),
+        patch_size=int(raw.get("patch_size", defaults.patch_size)),
+        image_size=int(raw.get("image_size", defaults.image_size)),
+        num_channels=int(raw.get("num_channels", defaults.num_channels)),
+        layer_norm_eps=float(raw.get("layer_norm_eps", defaults.layer_norm_eps)),
+        norm_type=str(raw.get("norm_type", defaults.norm_type)),
+        qk_normalization=bool(raw.get("qk_normalization", defaults.qk_normalization)),
+        qkv_bias=bool(raw.get("qkv_bias", defaults.qkv_bias)),
+        hidden_act=str(raw.get("hidden_act", defaults.hidden_act)),
+    )
+
+
+def _parse_llm(raw: dict[str, Any]) -> LLMConfig:
+    defaults = LLMConfig()
+    scaling = raw.get("rope_scaling") or None
+    scaling_type = None
+    factor = 1.0
+    if scaling:
+        scaling_type = scaling.get("type") or scaling.get("rope_type")
+        factor = float(scaling.get("factor", 1.0))
+    eos = raw.get("eos_token_id", defaults.eos_token_id)
+    if isinstance(eos, list):
+        eos = eos[0]
+    # The generation fields (top_k 1, top_p 0, do_sample false) are deliberately not read: they
+    # describe greedy decoding in a form OpenAI-style samplers reject (top_p 0). The engine's
+    # own defaults are greedy, like the model card.
+    if raw.get("top_p") == 0:
+        logger.debug("ignoring llm_config.top_p=0 from config.json (greedy is the engine default)")
+    return LLMConfig(
+        vocab_size=int(raw.get("vocab_size", defaults.vocab_size)),
+        hidden_size=int(raw.get("hidden_size", defaults.hidden_size)),
+        intermediate_size=int(raw.get("intermediate_size", defaults.intermediate_size)),
+        num_hidden_layers=int(raw.get("num_hidden_layers", defaults.num_hidden_layers)),
+        num_attention_heads=int(raw.get("num_attention_heads", defaults.num_attention_heads)),
+        num_key_value_heads=int(raw.get("num_key_value_heads") or raw.get("num_attention_heads", 8)),
+        rms_norm_eps=float(raw.get("rms_norm_eps", defaults.rms_norm_eps)),
+        rope_theta=float(raw.get("rope_theta", defaults.rope_theta)),
+        max_position_embeddings=int(raw.get("max_position_embeddings", defaults.max_position_embeddings)),
+        rope_scaling_type=scaling_type,
+        rope_scaling_factor=factor,
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        eos_token_id=int(eos),
+    )

@@ -1,0 +1,354 @@
+"""`NVLMEngine`: load an NVLM-D checkpoint once, answer chat requests with text and images.
+
+The public face of the package. It owns the model, tokenizer and prompt builder, and turns
+chat messages into prepared requests (images loaded and tiled, prompt ids spliced, context
+checked) before any model compute; `generation.decode_requests` does the rest.
+
+Messages are `{"role": "system" | "user" | "assistant", "content": str | list[part]}` with parts
+`{"type": "text", "text": ...}` and `{"type": "image", "image": <path | bytes | base64 | data URL |
+PIL image | http(s) URL>}` (an OpenAI-style `{"type": "image_url", "image_url": {"url": ...}}` is
+accepted too). Knows nothing of LangChain, HTTP servers or command lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import check_tensors, fill_model, find_weight_files, infer_dummy_heads, read_tensor_infos
+from .config import NVLMConfig
+from .devices import DeviceMapLike, device_for, resolve_device_map, resolve_dtype
+from .errors import CheckpointError, ContextLengthError, PromptError
+from .generation import Delta, GenerationResult, PreparedRequest, TokenIds, decode_requests
+from .images import load_image
+from .model import NVLMModel
+from .prompts import ImageSlot, PromptBuilder, PromptDialect, PromptMessage
+from .sampling import DEFAULT_MAX_NEW_TOKENS, make_options
+from .tiling import preprocess_image
+from .tokenizer import SpecialTokens, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+Message = Mapping[str, Any]
+ProgressCallback = Callable[[Path, int, int], None]
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """How images in messages are read and tiled.
+
+    Attributes:
+        max_tiles: tiles per image before the thumbnail (the checkpoint's `max_dynamic_patch`,
+            6 for NVLM-D). With several images in one request each gets
+            `max(1, max_tiles // n_images)`, as Megatron's evaluation did, unless a request sets
+            `max_tiles` itself.
+        allow_url_fetch: fetch http(s) image URLs (off by default).
+        max_pixels: larger images are refused as possible decompression bombs.
+    """
+
+    max_tiles: int = 6
+    allow_url_fetch: bool = False
+    max_pixels: int = 64_000_000
+
+
+class GenerationStream:
+    """An iterator of text deltas for one request; `result` is set once it is exhausted.
+
+    `cancel()` may be called from any thread: generation stops at the next token and the
+    result's finish_reason is "cancelled".
+    """
+
+    def __init__(self, deltas: Iterator[Delta], request: PreparedRequest) -> None:
+        self._deltas = deltas
+        self._request = request
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        for delta in self._deltas:
+            if delta.result is not None:
+                self.result = delta.result
+            if delta.text:
+                return delta.text
+        raise StopIteration
+
+    def cancel(self) -> None:
+        self._request.cancel.set()
+
+    def close(self) -> None:
+        """Stop generating and release the request's cache (also what garbage collection does)."""
+        self._request.cancel.set()
+        close = getattr(self._deltas, "close", None)
+        if close is not None:
+            close()
+
+
+class NVLMEngine:
+    """An NVLM-D model ready to answer chat requests."""
+
+    def __init__(
+        self,
+        model: NVLMModel,
+        tokenizer: Any,
+        *,
+        context_length: int,
+        dialect: PromptDialect | str = PromptDialect.REFERENCE,
+        system_prompt: str | None = None,
+        images: ImagePolicy | None = None,
+        name: str = "nvlm-d",
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config: NVLMConfig = model.config
+        self.context_length = context_length
+        self.name = name
+        self.images = images or ImagePolicy(max_tiles=self.config.max_dynamic_patch)
+        self.prompts = PromptBuilder(
+            tokenizer,
+            dialect=PromptDialect(dialect),
+            system_prompt=system_prompt,
+            tokens_per_tile=self.config.tokens_per_tile,
+        )
+        special = SpecialTokens.from_tokenizer(tokenizer)
+        self.token_ids = TokenIds(end=special.im_end, image=special.vision_pad, pad=special.endoftext)
+
+    # --- loading -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        device_map: DeviceMapLike | None = "auto",
+        dtype: str | torch.dtype | None = None,
+        max_memory: Mapping[str | int, int | str] | None = None,
+        context_length: int | None = None,
+        dialect: PromptDialect | str = PromptDialect.REFERENCE,
+        system_prompt: str | None = None,
+        max_tiles: int | None = None,
+        allow_url_fetch: bool = False,
+        allow_pickle: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> NVLMEngine:
+        """Load a checkpoint folder in the published NVLM-D layout.
+
+        Nothing from the folder is executed: `*.py` files and `auto_map` are ignored, and
+        pickled weights are refused unless `allow_pickle=True`.
+
+        Args:
+            path: the checkpoint folder (config.json, safetensors shards + index, tokenizer files).
+            device_map: "auto" (the GPU(s) if any, else the CPU), a device ("cpu", "cuda:1"),
+                a list of devices (decoder layers split as in the model card), or an explicit
+                {module prefix: device} map.
+            dtype: compute dtype; None/"auto" is bfloat16 on GPU and float32 on CPU.
+            max_memory: per-device memory budget ({0: "70GiB", 1: "80GiB"}) used to split layers.
+            context_length: longest prompt + answer accepted; default the checkpoint's
+                `max_position_embeddings` (32,768), within which RoPE is the plain one.
+            dialect: "reference" (the model card's chat(), the default) or "vllm".
+            system_prompt: default system prompt; None keeps the dialect's default.
+            max_tiles: tiles per image (1..12); default the checkpoint's `max_dynamic_patch`.
+            allow_url_fetch: allow http(s) image URLs in messages.
+            allow_pickle: allow pickled `.bin` weights (unsafe: unpickling can execute code).
+            progress: called as `progress(shard_path, shard_number, shard_count)` after each shard.
+        """
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise CheckpointError(
+                f"Checkpoint folder {folder} does not exist. Download NVLM-D (e.g. "
+                "`huggingface-cli download nvidia/NVLM-D-72B --local-dir PATH`) and pass that PATH."
+            )
+        started = time.perf_counter()
+        config = NVLMConfig.from_folder(folder)
+        tokenizer = load_tokenizer(folder)
+        infos = read_tensor_infos(find_weight_files(folder, allow_pickle=allow_pickle))
+        config = infer_dummy_heads(config, infos)
+        limit = config.llm.max_context_length()
+        context_length = context_length or config.llm.max_position_embeddings
+        if not 0 < context_length <= limit:
+            raise ContextLengthError(
+                f"context_length {context_length} is outside 1..{limit} (RoPE supports up to "
+                f"{config.llm.max_position_embeddings} x {config.llm.rope_scaling_factor} with dynamic scaling).",
+                prompt_tokens=0, max_new_tokens=0, context_length=limit,
+            )
+        devices = resolve_device_map(device_map, config, max_memory)
+        compute_dtype = resolve_dtype(dtype, devices[""])
+        with torch.device("meta"):
+            model = NVLMModel(config, context_length=context_length)
+        check_tensors(model, infos)
+        fill_model(model, infos, device_of=lambda name: device_for(name, devices), dtype=compute_dtype, progress=progress)
+        _rebuild_rotary(model, device_for("language_model.model.rotary_emb", devices))
+        if model.vision_model.drop_dummy_heads():
+            logger.info("dropped %d inert vision dummy heads per layer", config.vision.num_dummy_heads)
+        model.eval()
+        logger.info("loaded %s in %.1fs on %s as %s", folder, time.perf_counter() - started,
+                    sorted({str(d) for d in devices.values()}), compute_dtype)
+        images = ImagePolicy(
+            max_tiles=max_tiles or config.max_dynamic_patch,
+            allow_url_fetch=allow_url_fetch,
+        )
+        return cls(model, tokenizer, context_length=context_length, dialect=dialect,
+                   system_prompt=system_prompt, images=images, name=folder.name)
+
+    # --- requests ------------------------------------------------------------------------
+
+    def generate(self, messages: Sequence[Message], **options: Any) -> GenerationResult:
+        """Answer one conversation. Options: see `prepare()`."""
+        return self.generate_batch([messages], **options)[0]
+
+    def stream(self, messages: Sequence[Message], **options: Any) -> GenerationStream:
+        """Answer one conversation as an iterator of text deltas (see `GenerationStream`)."""
+        request = self.prepare(messages, **options)
+        return GenerationStream(decode_requests(self.model, [request], self.tokenizer, self.token_ids), request)
+
+    def generate_batch(self, conversations: Sequence[Sequence[Message]], **options: Any) -> list[GenerationResult]:
+        """Answer several conversations together in one batch; results in input order.
+
+        Every conversation is prepared (and checked) before any model compute, so one bad
+        request fails the call before work is spent on the others.
+        """
+        requests = [self.prepare(messages, **options) for messages in conversations]
+        return self.run(requests)
+
+    def run(self, requests: Sequence[PreparedRequest]) -> list[GenerationResult]:
+        """Decode prepared requests as one batch; results in input order."""
+        results: list[GenerationResult | None] = [None] * len(requests)
+        for delta in decode_requests(self.model, list(requests), self.tokenizer, self.token_ids):
+            if delta.result is not None:
+                results[delta.index] = delta.result
+        assert all(r is not None for r in results)
+        return [r for r in results if r is not None]
+
+    def stream_batch(self, requests: Sequence[PreparedRequest]) -> Iterator[Delta]:
+        """Decode prepared requests as one batch, yielding every request's deltas as they come."""
+        return decode_requests(self.model, list(requests), self.tokenizer, self.token_ids)
+
+    def prepare(
+        self,
+        messages: Sequence[Message],
+        *,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        max_tiles: int | None = None,
+        cancel: threading.Event | None = None,
+    ) -> PreparedRequest:
+        """Load and tile images, build prompt ids and check the context, before any model compute.
+
+        Args:
+            messages: the conversation (see the module docstring).
+            max_new_tokens: answer length limit (default 1024, the model card's).
+            temperature: 0 (default) is greedy decoding, like the model card.
+            top_p, top_k, repetition_penalty, seed: sampling controls (ignored when greedy,
+                except repetition_penalty).
+            stop: strings that end the answer (not included in it).
+            stop_token_ids: ids that end the answer besides `<|im_end|>`.
+            max_tiles: tiles per image for this request (1..12).
+            cancel: an event another thread may set to stop this request.
+
+        Raises:
+            PromptError: malformed messages. ContextLengthError: prompt + max_new_tokens too long.
+            ImageError: an image cannot be read. GenerationOptionsError: an option out of range.
+        """
+        started = time.perf_counter()
+        sampling = make_options(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            repetition_penalty=repetition_penalty, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
+        )
+        turns, sources = self._parse(messages)
+        per_image = max_tiles or max(1, self.images.max_tiles // max(1, len(sources)))
+        tiled = [
+            preprocess_image(
+                load_image(src, allow_url_fetch=self.images.allow_url_fetch, max_pixels=self.images.max_pixels),
+                max_tiles=per_image,
+                use_thumbnail=self.config.use_thumbnail,
+            )
+            for src in sources
+        ]
+        slots = iter([ImageSlot(t.num_tiles) for t in tiled])
+        prompt = self.prompts.build(
+            [PromptMessage(role, tuple(next(slots) if p is None else p for p in parts)) for role, parts in turns]
+        )
+        total = len(prompt.token_ids) + sampling.max_new_tokens
+        if total > self.context_length:
+            raise ContextLengthError(
+                f"The prompt has {len(prompt.token_ids)} tokens ({prompt.image_token_count} of them for "
+                f"{prompt.num_images} image(s)) and max_new_tokens is {sampling.max_new_tokens}: "
+                f"{total} > the context length {self.context_length}. Shorten the conversation, use fewer "
+                "images or max_tiles, or lower max_new_tokens.",
+                prompt_tokens=len(prompt.token_ids), max_new_tokens=sampling.max_new_tokens,
+                context_length=self.context_length,
+            )
+        pixel_values = torch.cat([t.pixel_values for t in tiled]) if tiled else None
+        return PreparedRequest(
+            prompt_ids=prompt.token_ids,
+            pixel_values=pixel_values,
+            options=sampling,
+            image_tokens=prompt.image_token_count,
+            cancel=cancel or threading.Event(),
+            started=started,
+            preprocess_s=time.perf_counter() - started,
+        )
+
+    def count_tokens(self, messages: Sequence[Message], *, max_tiles: int | None = None) -> int:
+        """Prompt tokens of a conversation, image tokens included (images are read and tiled)."""
+        return len(self.prepare(messages, max_new_tokens=1, max_tiles=max_tiles).prompt_ids)
+
+    @staticmethod
+    def _parse(messages: Sequence[Message]) -> tuple[list[tuple[str, list[str | None]]], list[Any]]:
+        """Messages -> (role, parts with None where an image goes) and the image sources in order."""
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+            raise PromptError("messages must be a list of {'role': ..., 'content': ...} dicts.")
+        turns: list[tuple[str, list[str | None]]] = []
+        sources: list[Any] = []
+        for number, message in enumerate(messages):
+            if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+                raise PromptError(f"message {number} must be a dict with 'role' and 'content', got {message!r:.80}.")
+            content = message["content"]
+            parts: list[str | None] = []
+            if isinstance(content, str):
+                parts.append(content)
+            elif isinstance(content, Sequence):
+                for part in content:
+                    kind = part.get("type") if isinstance(part, Mapping) else None
+                    if kind == "text" and isinstance(part.get("text"), str):
+                        parts.append(part["text"])
+                    elif kind == "image" and part.get("image") is not None:
+                        parts.append(None)
+                        sources.append(part["image"])
+                    elif kind == "image_url" and isinstance(part.get("image_url"), (Mapping, str)):
+                        url = part["image_url"]
+                        parts.append(None)
+                        sources.append(url.get("url") if isinstance(url, Mapping) else url)
+                    else:
+                        raise PromptError(
+                            f"message {number} has an unsupported content part {part!r:.80}; use "
+                            "{'type': 'text', 'text': ...} or {'type': 'image', 'image': <source>}."
+                        )
+            else:
+                raise PromptError(f"message {number} content must be a string or a list of parts.")
+            turns.append((str(message["role"]), parts))
+        return turns, sources
+
+
+def _rebuild_rotary(model: NVLMModel, device: torch.device) -> None:
+    """The rotary table is computed, not stored: build it on its device after the meta init."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+    lm = model.language_model
+    lm.model.rotary_emb = Qwen2RotaryEmbedding(config=lm.config).to(device)
+    leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    assert not leftovers, f"tensors left on meta after loading: {leftovers[:5]}"

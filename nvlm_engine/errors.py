@@ -1,0 +1,90 @@
+"""Typed errors of the engine.
+
+Every error the engine raises on bad input derives from `NVLMError`, says what was wrong
+(expected vs received where that helps) and what to do next, and chains the underlying
+cause with `raise ... from e`. Asserts guard internal invariants only.
+"""
+
+from __future__ import annotations
+
+
+class NVLMError(Exception):
+    """Base class of every error raised by `nvlm_engine`."""
+
+
+# --- checkpoints -------------------------------------------------------------------------
+
+
+class CheckpointError(NVLMError):
+    """The checkpoint folder cannot be used (missing files, wrong model, bad config)."""
+
+
+class CheckpointTensorError(CheckpointError):
+    """Tensors are missing, unexpected or of the wrong shape.
+
+    Attributes:
+        missing: names the model needs that no shard holds.
+        unexpected: names some shard holds that the model does not have.
+        wrong_shape: name -> (expected shape, shape in the checkpoint).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        missing: list[str] | None = None,
+        unexpected: list[str] | None = None,
+        wrong_shape: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.missing = missing or []
+        self.unexpected = unexpected or []
+        self.wrong_shape = wrong_shape or {}
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The checkpoint is stored as pickle (`.bin` / `.pt`), which can execute code on load."""
+
+
+# --- images ------------------------------------------------------------------------------
+
+
+class ImageError(NVLMError):
+    """An image could not be read or used."""
+
+
+class ImageDecodeError(ImageError):
+    """The bytes are not a readable image (corrupt, truncated or unknown format)."""
+
+
+class ImageTooLargeError(ImageError):
+    """The image has more pixels (or bytes) than allowed: a possible decompression bomb."""
+
+
+class ImageSourceError(ImageError):
+    """The image source is not allowed or not reachable (URL fetching off, missing file...)."""
+
+
+class ImageOptionsError(ImageError):
+    """An image option is out of range (`max_tiles` outside 1..12, a non-positive limit...)."""
+
+
+# --- prompts and generation --------------------------------------------------------------
+
+
+class PromptError(NVLMError):
+    """The messages cannot be turned into a prompt (bad roles, bad parts, bad options)."""
+
+
+class ContextLengthError(PromptError):
+    """Prompt tokens plus `max_new_tokens` exceed the model's context window."""
+
+    def __init__(self, message: str, *, prompt_tokens: int, max_new_tokens: int, context_length: int) -> None:
+        super().__init__(message)
+        self.prompt_tokens = prompt_tokens
+        self.max_new_tokens = max_new_tokens
+        self.context_length = context_length
+
+
+class GenerationOptionsError(NVLMError):
+    """A generation option is out of range (negative temperature, top_p outside (0, 1], ...)."""

@@ -1,0 +1,469 @@
+"""Turn an image source into one upright RGB `PIL.Image.Image`.
+
+This module knows where images come from (files, bytes, base64, data URLs, PIL images and,
+when allowed, http(s) URLs), how Pillow decodes them and what can go wrong on the way
+(decompression bombs, truncated or corrupt data, odd pixel modes, broken EXIF). Every such
+failure becomes one of the typed errors in `nvlm_engine.errors`; no raw Pillow exception
+leaves this module. It knows nothing about tiles, tensors or the model: see `tiling.py`.
+
+Two deliberate differences from the model card's `Image.open(f).convert('RGB')`:
+the EXIF orientation is applied (photos from phones come out upright), and transparent
+pixels are composited over white instead of keeping whatever colour the transparent pixels
+happen to store. For opaque images without an orientation tag the result is exactly
+`Image.open(f).convert('RGB')`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import http.client
+import io
+import logging
+import os
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from nvlm_engine.errors import (
+    ImageDecodeError,
+    ImageError,
+    ImageOptionsError,
+    ImageSourceError,
+    ImageTooLargeError,
+)
+
+__all__ = [
+    "DEFAULT_FETCH_TIMEOUT_S",
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_PIXELS",
+    "ImageSource",
+    "load_image",
+    "to_rgb",
+]
+
+logger = logging.getLogger(__name__)
+
+# 64 MP: comfortably above any camera photo or A4 scan at 600 dpi (35 MP), well below Pillow's
+# own bomb warning (89 MP), and small enough that the decoded RGB image stays under 200 MB.
+DEFAULT_MAX_PIXELS = 64_000_000
+DEFAULT_MAX_BYTES = 50 * 1024 * 1024
+DEFAULT_FETCH_TIMEOUT_S = 10.0
+
+ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.Image]
+
+_FETCH_CHUNK = 64 * 1024
+_EXIF_ORIENTATION = 0x0112
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_RESAVE_HINT = "re-save it as PNG or JPEG"
+
+
+def load_image(
+    source: ImageSource,
+    *,
+    allow_url_fetch: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S,
+) -> Image.Image:
+    """Read an image from any supported source and return it upright, in RGB.
+
+    A `str` source is read as, in this order: an `http://` / `https://` URL; a
+    `data:image/...;base64,` URL; a `file://` URL (treated exactly like the local path it
+    names; only an empty host or `localhost` is accepted); an existing file path; otherwise
+    strict base64 (ASCII whitespace is ignored, any other character outside the base64
+    alphabet is an error). An `os.PathLike` is always a path; `bytes`, `bytearray` and
+    `memoryview` are the encoded file itself (not base64).
+
+    Animated images give their first frame (a PIL image given directly gives its current
+    frame). The EXIF orientation is applied; broken EXIF is ignored. The pixel mode is
+    normalized with `to_rgb`.
+
+    Args:
+        source: a path, `file://` URL, encoded bytes, base64 text, data URL, http(s) URL or
+            PIL image.
+        allow_url_fetch: fetch http(s) URLs. Off by default, so that text from an untrusted
+            client cannot make the server open connections (SSRF).
+        max_pixels: the most pixels (width * height) accepted, checked from the header
+            before any pixel data is decoded. Pillow's process-wide `Image.MAX_IMAGE_PIXELS`
+            still applies on top; this function never changes it.
+        max_bytes: the most encoded bytes accepted from a file, bytes or URL. A URL body is
+            read incrementally and at most `max_bytes + 1` bytes are ever read.
+        fetch_timeout_s: the socket timeout of a URL fetch, and the deadline of the whole
+            download.
+
+    Returns:
+        A fully loaded `PIL.Image.Image` in mode "RGB".
+
+    Raises:
+        ImageSourceError: the source is missing, of an unsupported kind, a URL while
+            fetching is off, or the download failed or timed out.
+        ImageTooLargeError: more than `max_pixels` pixels or `max_bytes` bytes.
+        ImageDecodeError: the data is not a readable image (corrupt, truncated, unknown).
+        ImageOptionsError: a limit is not positive.
+    """
+    if max_pixels < 1 or max_bytes < 1 or not fetch_timeout_s > 0:
+        raise ImageOptionsError(
+            "max_pixels and max_bytes must be >= 1 and fetch_timeout_s > 0; got "
+            f"max_pixels={max_pixels}, max_bytes={max_bytes}, fetch_timeout_s={fetch_timeout_s}"
+        )
+    if isinstance(source, Image.Image):
+        return _finish(source, "PIL image", max_pixels)
+    data, label = _read_source(
+        source, allow_url_fetch=allow_url_fetch, max_bytes=max_bytes, fetch_timeout_s=fetch_timeout_s
+    )
+    return _decode(data, label, max_pixels)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert an image of any Pillow mode to a loaded RGB image, without saturating.
+
+    - "RGB" (without a transparent colour key) is returned as is, not copied.
+    - Alpha ("RGBA", "LA", "PA", premultiplied "RGBa" / "La", or a "transparency" key on
+      "P", "L" or "RGB"): composited over white. An image whose alpha is 255 everywhere
+      gives exactly `image.convert("RGB")`.
+    - 16-bit "I;16*": `round(v / 257)`, mapping 0..65535 onto 0..255.
+    - 32-bit "I": kept if all values lie in 0..255 (8-bit data stored wide), else
+      `round(v / 257)` if in 0..65535 (16-bit data), else stretched from [min, max].
+    - float "F": `v * 255` if all finite values lie in [0, 1], kept if in [0, 255],
+      `v / 257` if in [0, 65535], else stretched from [min, max]; NaN becomes 0.
+    - everything else ("1", "L", "P", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"): `convert("RGB")`.
+
+    Args:
+        image: any PIL image, loaded or not.
+
+    Returns:
+        An RGB image.
+
+    Raises:
+        ImageDecodeError: the pixels cannot be loaded or the mode cannot be converted.
+    """
+    try:
+        if image.mode == "RGB" and "transparency" not in image.info:
+            image.load()
+            return image
+        if image.mode in _WIDE_MODES:
+            # Checked before alpha: a colour key on 16-bit data is in 16-bit units, and
+            # Pillow's own "I;16" -> "RGBA" path would saturate everything above 255.
+            return _wide_to_rgb(image)
+        if image.mode in _ALPHA_MODES or "transparency" in image.info:
+            return _composite_over_white(image)
+        return image.convert("RGB")
+    except ImageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - decoders raise anything; see _decode
+        raise ImageDecodeError(
+            f"cannot convert a {image.mode} image of size {image.size} to RGB "
+            f"({type(e).__name__}: {e}); {_RESAVE_HINT}"
+        ) from e
+
+
+# --- reading the source ------------------------------------------------------------------
+
+
+def _read_source(
+    source: object, *, allow_url_fetch: bool, max_bytes: int, fetch_timeout_s: float
+) -> tuple[bytes, str]:
+    """Return (encoded bytes, label naming the source for messages)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        label = f"bytes ({len(data)} bytes)"
+        _check_byte_count(len(data), max_bytes, label)
+        return data, label
+    if isinstance(source, os.PathLike):
+        return _read_file(Path(os.fsdecode(os.fspath(source))), max_bytes)
+    if not isinstance(source, str):
+        raise ImageSourceError(
+            f"cannot read an image from a {type(source).__name__}: expected a path, bytes, "
+            "base64 text, a data: URL, an http(s) URL or a PIL image"
+        )
+
+    head = source.lstrip()[:16].lower()
+    if head.startswith(("http://", "https://")):
+        url = source.strip()
+        if not allow_url_fetch:
+            raise ImageSourceError(
+                f"refusing to fetch {url!r}: URL fetching is off; pass allow_url_fetch=True "
+                "if the URL comes from a trusted source, or download the image and pass the bytes"
+            )
+        return _fetch_url(url, max_bytes=max_bytes, timeout_s=fetch_timeout_s)
+    if head.startswith("data:"):
+        return _read_data_url(source.strip(), max_bytes)
+    if head.startswith("file:"):
+        return _read_file(_file_url_to_path(source.strip()), max_bytes)
+    if _URL_SCHEME.match(head):
+        raise ImageSourceError(
+            f"unsupported URL scheme in {_shorten(source)}: expected http://, https://, file:// or data:"
+        )
+    if os.path.exists(source):
+        return _read_file(Path(source), max_bytes)
+    return _read_base64(source, max_bytes)
+
+
+def _read_file(path: Path, max_bytes: int) -> tuple[bytes, str]:
+    label = f"file {str(path)!r}"
+    try:
+        if not path.is_file():
+            what = "not a regular file" if path.exists() else "not found"
+            raise ImageSourceError(f"image {label} is {what} (working directory {os.getcwd()!r})")
+        # Checked before reading so that a huge file is refused without touching its bytes.
+        _check_byte_count(path.stat().st_size, max_bytes, label)
+        with path.open("rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise ImageSourceError(f"cannot read image {label}: {e.strerror or e}") from e
+    _check_byte_count(len(data), max_bytes, label)  # the file may have grown meanwhile
+    return data, label
+
+
+def _file_url_to_path(url: str) -> Path:
+    parsed = urllib.parse.urlparse(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise ImageSourceError(
+            f"file URL {url!r} names host {parsed.netloc!r}: only local files (file:///path) are supported"
+        )
+    return Path(urllib.request.url2pathname(parsed.path))
+
+
+def _read_data_url(url: str, max_bytes: int) -> tuple[bytes, str]:
+    header, comma, payload = url.partition(",")
+    label = f"data URL ({header[:60]}, {len(payload)} chars)"
+    if not comma:
+        raise ImageSourceError(f"malformed {label}: expected 'data:image/<type>;base64,<data>'")
+    if header.lower().endswith(";base64"):
+        data = _strict_b64decode(payload)
+        if data is None:
+            raise ImageDecodeError(f"{label} does not hold valid base64 after the comma; re-encode the image")
+    else:
+        # RFC 2397 also allows percent-encoded payloads; rare for images but cheap to accept.
+        data = urllib.parse.unquote_to_bytes(payload)
+    _check_byte_count(len(data), max_bytes, label)
+    return data, label
+
+
+def _read_base64(text: str, max_bytes: int) -> tuple[bytes, str]:
+    label = f"base64 text ({len(text)} chars)"
+    data = _strict_b64decode(text)
+    if data is None:
+        raise ImageSourceError(
+            f"{_shorten(text)} is neither an existing file nor base64; pass the path of an existing "
+            "file, base64 of the image file, a data: URL or the bytes"
+        )
+    _check_byte_count(len(data), max_bytes, label)
+    # Valid base64 can still be a mistyped path ("/data/images" is valid base64): say both.
+    return data, f"{label}, not an existing file"
+
+
+def _strict_b64decode(text: str) -> bytes | None:
+    """Decode base64 strictly; None when it is not base64 (or decodes to nothing)."""
+    # MIME-style base64 wraps lines: whitespace is dropped, any other stray character fails.
+    compact = "".join(text.split())
+    try:
+        return base64.b64decode(compact, validate=True) or None
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _fetch_url(url: str, *, max_bytes: int, timeout_s: float) -> tuple[bytes, str]:
+    label = f"URL {url!r}"
+    request = urllib.request.Request(url, headers={"User-Agent": "nvlm-engine", "Accept": "image/*"})
+    # The socket timeout bounds each connect/recv; the deadline bounds a server that drips
+    # bytes slowly enough to never trip the socket timeout.
+    deadline = time.monotonic() + timeout_s
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit():
+                _check_byte_count(int(declared), max_bytes, label)
+            content_type = response.headers.get_content_type()
+            while True:
+                chunk = response.read(min(_FETCH_CHUNK, max_bytes + 1 - total))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+                _check_byte_count(total, max_bytes, label)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"download took longer than {timeout_s} s")
+    except ImageError:
+        raise
+    except urllib.error.HTTPError as e:
+        raise ImageSourceError(f"fetching {label} failed: HTTP {e.code} {e.reason}") from e
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        # URLError and socket timeouts are OSErrors; a malformed response is an HTTPException;
+        # a malformed URL is a ValueError.
+        reason = getattr(e, "reason", e)
+        raise ImageSourceError(
+            f"fetching {label} failed ({reason}); check the URL and the network, or raise "
+            f"fetch_timeout_s (now {timeout_s} s)"
+        ) from e
+    return b"".join(chunks), f"{label} (Content-Type {content_type})"
+
+
+def _check_byte_count(n: int, max_bytes: int, label: str) -> None:
+    if n > max_bytes:
+        raise ImageTooLargeError(
+            f"{label} is {n / 2**20:.1f} MiB or more, above max_bytes={max_bytes} "
+            f"({max_bytes / 2**20:.1f} MiB); downscale the image, or raise max_bytes if you trust it"
+        )
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+# --- decoding ----------------------------------------------------------------------------
+
+
+def _decode(data: bytes, label: str, max_pixels: int) -> Image.Image:
+    # Pillow reports a possible bomb as a warning below 2x MAX_IMAGE_PIXELS and as an error
+    # above; both must become ImageTooLargeError, and its other warnings (corrupt EXIF...)
+    # belong in the log, not on stderr. catch_warnings is process-wide state, so a warning
+    # raised by another thread meanwhile may end up in this log too: harmless.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:
+            raise ImageTooLargeError(f"{label}: {e}; downscale the image") from e
+        except Image.UnidentifiedImageError as e:
+            raise ImageDecodeError(
+                f"{label} is not an image format Pillow can read (starts with {data[:8]!r}); "
+                f"{_RESAVE_HINT}"
+            ) from e
+        except Exception as e:  # noqa: BLE001 - see _load_pixels
+            raise ImageDecodeError(
+                f"{label} has a corrupt image header ({type(e).__name__}: {e}); {_RESAVE_HINT}"
+            ) from e
+        for warning in caught:
+            if issubclass(warning.category, Image.DecompressionBombWarning):
+                raise ImageTooLargeError(f"{label}: {warning.message}; downscale the image")
+        # Image.open only read the header: the size check happens before any pixel decoding.
+        image = _finish(image, label, max_pixels)
+    for warning in caught:
+        logger.debug("%s: Pillow warned: %s", label, warning.message)
+    return image
+
+
+def _finish(image: Image.Image, label: str, max_pixels: int) -> Image.Image:
+    _check_pixels(image, label, max_pixels)
+    _load_pixels(image, label)
+    image = _apply_exif_orientation(image, label)
+    return to_rgb(image)
+
+
+def _check_pixels(image: Image.Image, label: str, max_pixels: int) -> None:
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError(f"{label} has no pixels (size {width}x{height}); {_RESAVE_HINT}")
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"{label} is {width}x{height} = {width * height:,} pixels, above max_pixels={max_pixels:,} "
+            "(a possible decompression bomb); downscale it, or raise max_pixels if you trust it"
+        )
+
+
+def _load_pixels(image: Image.Image, label: str) -> None:
+    try:
+        image.load()
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{label}: {e}; downscale the image") from e
+    except Exception as e:  # noqa: BLE001
+        # Pillow's decoders signal bad data with OSError, SyntaxError, ValueError, TypeError,
+        # EOFError, struct.error, IndexError... depending on the plugin. Whatever they raise
+        # here means the same thing to the caller: these bytes are not a usable image.
+        raise ImageDecodeError(
+            f"{label} ({image.format or 'unknown'} {image.mode} {image.size[0]}x{image.size[1]}) "
+            f"cannot be decoded: {type(e).__name__}: {e}; the file is corrupt or truncated, "
+            f"{_RESAVE_HINT}"
+        ) from e
+    # Some plugins (ICO, ICNS) pick their real size only when loading.
+    if image.size[0] <= 0 or image.size[1] <= 0:
+        raise ImageDecodeError(f"{label} decoded to an empty image; {_RESAVE_HINT}")
+
+
+def _apply_exif_orientation(image: Image.Image, label: str) -> Image.Image:
+    # Read the tag first: exif_transpose copies the whole image even when there is nothing
+    # to do, which costs a few ms on a 12 MP photo.
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+        if orientation not in range(2, 9):
+            return image
+        # exif_transpose also drops the tag from the result, so a second pass is a no-op.
+        return ImageOps.exif_transpose(image)
+    except Exception as e:  # noqa: BLE001 - metadata must never cost us the pixels
+        logger.debug("%s: ignoring unreadable EXIF (%s: %s)", label, type(e).__name__, e)
+        return image
+
+
+# --- pixel modes -------------------------------------------------------------------------
+
+
+def _composite_over_white(image: Image.Image) -> Image.Image:
+    # "La" has no direct path to RGBA in Pillow; "LA" does (it un-premultiplies).
+    source = image.convert("LA") if image.mode == "La" else image
+    rgba = source if source.mode == "RGBA" else source.convert("RGBA")
+    alpha = rgba.getchannel("A")
+    if alpha.getextrema() == (255, 255):
+        return rgba.convert("RGB")
+    # paste with a mask computes dst + (src - dst) * a / 255: white where a == 0, the
+    # colour itself where a == 255.
+    background = Image.new("RGB", rgba.size, (255, 255, 255))
+    background.paste(rgba, (0, 0), alpha)
+    return background
+
+
+def _wide_to_rgb(image: Image.Image) -> Image.Image:
+    values = np.asarray(image)
+    if image.mode.startswith("I;16"):
+        eight_bit = _divide_by_257(values)
+    elif image.mode == "I":
+        lo, hi = int(values.min()), int(values.max())
+        if lo >= 0 and hi <= 255:
+            eight_bit = values.astype(np.uint8)
+        elif lo >= 0 and hi <= 65535:
+            eight_bit = _divide_by_257(values)
+        else:
+            eight_bit = _stretch(values.astype(np.float64), lo, hi)
+    else:
+        eight_bit = _float_to_uint8(values)
+    return Image.fromarray(eight_bit, mode="L").convert("RGB")
+
+
+def _divide_by_257(values: np.ndarray) -> np.ndarray:
+    # 65535 / 257 == 255 exactly, so 0..65535 maps onto the full 0..255 with rounding.
+    return ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
+def _float_to_uint8(values: np.ndarray) -> np.ndarray:
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.zeros(values.shape, dtype=np.uint8)
+    lo, hi = float(values[finite].min()), float(values[finite].max())
+    if lo >= 0.0 and hi <= 1.0:
+        scaled = values * 255.0
+    elif lo >= 0.0 and hi <= 255.0:
+        scaled = values
+    elif lo >= 0.0 and hi <= 65535.0:
+        scaled = values / 257.0
+    else:
+        return _stretch(np.where(finite, values, lo).astype(np.float64), lo, hi)
+    return np.clip(np.rint(np.nan_to_num(scaled, nan=0.0)), 0, 255).astype(np.uint8)
+
+
+def _stretch(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    if hi <= lo:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.clip(np.rint((values - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)

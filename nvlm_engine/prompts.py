@@ -1,0 +1,368 @@
+"""Prompt building: chat messages with image slots -> token ids with `<|vision_pad|>` runs.
+
+This module knows the prompt layouts NVLM-D is run with (the reference `chat()` of the model
+card, and vLLM's OpenAI server) and how an image becomes tile tags plus pad tokens. It does
+not know pixels: how many tiles an image gets is decided by the image preprocessing, and
+the caller passes it in as `ImageSlot(num_tiles)`. It knows nothing about the model either.
+
+Images are structural: the prompt is built as a sequence of text pieces and image slots,
+never by searching user text, so a user who types `<image>` gets those characters as text.
+Token ids are produced by splicing: only the text between pad runs is tokenized, and the
+pad ids are inserted directly. `<|vision_pad|>` is an added token, so the tokenizer cuts the
+text at it before pre-tokenizing; tokenizing the pieces separately therefore gives exactly
+the ids of the whole string, without running BPE over 256 pad tokens per tile.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from transformers import PreTrainedTokenizerBase
+
+from nvlm_engine.errors import CheckpointError, PromptError
+from nvlm_engine.tokenizer import IM_END, IM_START, VISION_PAD, SpecialTokens
+
+__all__ = [
+    "DEFAULT_SYSTEM_PROMPT",
+    "ImageSlot",
+    "Prompt",
+    "PromptBuilder",
+    "PromptDialect",
+    "PromptMessage",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SYSTEM_PROMPT = "Answer the questions."
+
+_ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class ImageSlot:
+    """Where one image goes in a message, and how many feature tiles it has.
+
+    Attributes:
+        num_tiles: tiles of the image including the thumbnail; 1 means a one-tile image,
+            which has no thumbnail (so 7 = a 6-tile grid plus its thumbnail).
+    """
+
+    num_tiles: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_tiles, bool) or not isinstance(self.num_tiles, int) or self.num_tiles < 1:
+            raise PromptError(f"ImageSlot.num_tiles must be an int >= 1, got {self.num_tiles!r}")
+
+
+@dataclass(frozen=True)
+class PromptMessage:
+    """One chat turn.
+
+    Attributes:
+        role: "system", "user" or "assistant".
+        parts: text and images in order. Only user messages may hold images.
+    """
+
+    role: Literal["system", "user", "assistant"]
+    parts: tuple[str | ImageSlot, ...]
+
+
+class PromptDialect(str, enum.Enum):
+    """Which published prompt layout to reproduce."""
+
+    REFERENCE = "reference"
+    """The HF model card's `chat()`: ChatML with MPT separators, no newline after `<|im_end|>`."""
+    VLLM = "vllm"
+    """vLLM's OpenAI server: the tokenizer's Qwen2.5 `chat_template`, newline after `<|im_end|>`."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A tokenized prompt.
+
+    Attributes:
+        token_ids: prompt ids, no BOS; ends with `<|im_start|>assistant\\n` when a generation
+            prompt was asked for.
+        image_token_count: number of `<|vision_pad|>` ids, which must equal the number of
+            image feature rows merged into the embeddings (sum of num_tiles x tokens per tile).
+        num_images: number of image slots.
+    """
+
+    token_ids: list[int]
+    image_token_count: int
+    num_images: int
+
+
+class PromptBuilder:
+    """Renders messages in one dialect and tokenizes them with images spliced in.
+
+    Args:
+        tokenizer: the checkpoint's tokenizer (see `load_tokenizer`).
+        dialect: the layout to reproduce.
+        system_prompt: system text used when the messages do not start with a system
+            message. None means the dialect's default: `DEFAULT_SYSTEM_PROMPT` for REFERENCE,
+            the chat template's own ("You are Qwen, ...") for VLLM. An empty string means no
+            system turn at all in REFERENCE (the reference's `chat_without_sys_prompt` instead
+            leaves a garbage prefix); in VLLM it gives the template's empty system turn.
+        tokens_per_tile: `<|vision_pad|>` tokens per tile (256 after the 2x2 pixel shuffle).
+
+    Raises:
+        CheckpointError: the tokenizer lacks the NVLM-D added tokens, or has no chat template
+            while the VLLM dialect is asked for.
+        PromptError: bad options.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        dialect: PromptDialect = PromptDialect.REFERENCE,
+        system_prompt: str | None = None,
+        tokens_per_tile: int = 256,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.dialect = PromptDialect(dialect)
+        self.special = SpecialTokens.from_tokenizer(tokenizer)
+        if isinstance(tokens_per_tile, bool) or not isinstance(tokens_per_tile, int) or tokens_per_tile < 1:
+            raise PromptError(f"tokens_per_tile must be an int >= 1, got {tokens_per_tile!r}")
+        if system_prompt is not None:
+            _check_text(system_prompt, "the builder's system_prompt")
+        if self.dialect is PromptDialect.VLLM and not tokenizer.chat_template:
+            raise CheckpointError(
+                "the VLLM prompt dialect renders with the tokenizer's chat_template, and this tokenizer has "
+                "none: add the Qwen2.5 chat_template to tokenizer_config.json, or use PromptDialect.REFERENCE."
+            )
+        self.system_prompt = system_prompt
+        self.tokens_per_tile = tokens_per_tile
+        # Ids from an image's first pad to its last pad depend on num_tiles only: cached.
+        self._body_ids: dict[int, tuple[int, ...]] = {}
+
+    def build(self, messages: Sequence[PromptMessage], *, add_generation_prompt: bool = True) -> Prompt:
+        """Tokenizes a conversation.
+
+        Args:
+            messages: the conversation; an optional system message first, then user and
+                assistant messages.
+            add_generation_prompt: end with `<|im_start|>assistant\\n` so the model answers.
+
+        Returns:
+            The token ids and image token counts.
+
+        Raises:
+            PromptError: an empty conversation, an unknown role, a system message after the
+                first, an image outside a user message, a text holding `<|vision_pad|>`, or a
+                final assistant message while `add_generation_prompt` is true.
+        """
+        segments = self._segments(messages, add_generation_prompt)
+        ids: list[int] = []
+        pending: list[str] = []  # text since the last pad, tokenized as one string
+        num_images = 0
+        for segment in segments:
+            if isinstance(segment, str):
+                pending.append(segment)
+                continue
+            num_images += 1
+            head, tail = _image_head_tail(segment.num_tiles)
+            ids += self._encode("".join(pending) + head)
+            ids += self._image_body_ids(segment.num_tiles)
+            pending = [tail]  # "</Image>" merges with what follows (">\n" is one token), so it waits
+        ids += self._encode("".join(pending))
+
+        image_token_count = sum(s.num_tiles for s in segments if isinstance(s, ImageSlot)) * self.tokens_per_tile
+        found = ids.count(self.special.vision_pad)
+        if found != image_token_count:
+            # Texts were checked for the pad token, so only a chat template could have put one in.
+            raise PromptError(
+                f"the prompt holds {found} {VISION_PAD} tokens but its {num_images} images need "
+                f"{image_token_count}; does the chat template write {VISION_PAD}?"
+            )
+        logger.debug(
+            "built %s prompt: %d tokens, %d images, %d image tokens",
+            self.dialect.value,
+            len(ids),
+            num_images,
+            image_token_count,
+        )
+        return Prompt(token_ids=ids, image_token_count=image_token_count, num_images=num_images)
+
+    def render(self, messages: Sequence[PromptMessage], *, add_generation_prompt: bool = True) -> str:
+        """Returns the prompt as text, images expanded to tile tags and literal pad tokens.
+
+        Tokenizing this string gives `build(...).token_ids`; it is meant for logs and tests
+        (one image adds 256 to 1,792 `<|vision_pad|>` strings).
+
+        Raises:
+            PromptError: as `build`.
+        """
+        out: list[str] = []
+        for segment in self._segments(messages, add_generation_prompt):
+            if isinstance(segment, str):
+                out.append(segment)
+                continue
+            head, tail = _image_head_tail(segment.num_tiles)
+            pads = VISION_PAD * self.tokens_per_tile
+            body = pads + "".join(tag + pads for tag in _tile_tags(segment.num_tiles)[1:])
+            out.append(head + body + tail)
+        return "".join(out)
+
+    # --- 1. validate, 2. lay out in the dialect ------------------------------------------
+
+    def _segments(self, messages: Sequence[PromptMessage], add_generation_prompt: bool) -> list[str | ImageSlot]:
+        system_message, turns = _validate(messages, add_generation_prompt)
+        # A leading system message wins over the builder's system prompt. Its text parts are
+        # joined the way each dialect joins text parts: verbatim (reference), "\n" (vLLM).
+        joiner = "" if self.dialect is PromptDialect.REFERENCE else "\n"
+        system = self.system_prompt if system_message is None else joiner.join(_texts(system_message))
+        if self.dialect is PromptDialect.REFERENCE:
+            return _reference_segments(system, turns, add_generation_prompt)
+        return self._vllm_segments(system, turns, add_generation_prompt)
+
+    def _vllm_segments(
+        self, system: str | None, turns: list[PromptMessage], add_generation_prompt: bool
+    ) -> list[str | ImageSlot]:
+        # vLLM writes a literal "<image>" per image and the template copies message contents
+        # verbatim. A random marker no user can guess stands in for it here, so the rendered
+        # text can be cut at the images without searching user text for "<image>".
+        marker = f"<image-{secrets.token_hex(16)}>"
+        conversation: list[dict[str, str]] = []
+        if system is not None:  # None: the template writes its own default system turn
+            conversation.append({"role": "system", "content": system})
+        slots: list[ImageSlot] = []
+        for message in turns:
+            images = [part for part in message.parts if isinstance(part, ImageSlot)]
+            slots += images
+            # vLLM joins a message's text parts with "\n" and puts the placeholders of its
+            # images first, "\n"-joined before the text: "<image>\n<image>\nText".
+            content = "\n".join([marker] * len(images) + ["\n".join(_texts(message))])
+            conversation.append({"role": message.role, "content": content})
+        rendered = self.tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        assert isinstance(rendered, str)  # tokenize=False returns the text
+        pieces = rendered.split(marker)
+        if len(pieces) != len(slots) + 1:
+            raise PromptError(
+                f"the chat template kept {len(pieces) - 1} of {len(slots)} image placeholders; "
+                "it must copy message contents verbatim. Use PromptDialect.REFERENCE or fix the template."
+            )
+        segments: list[str | ImageSlot] = [pieces[0]]
+        for slot, piece in zip(slots, pieces[1:]):
+            segments += [slot, piece]
+        return segments
+
+    # --- 3. tokenize ---------------------------------------------------------------------
+
+    def _encode(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _image_body_ids(self, num_tiles: int) -> tuple[int, ...]:
+        # P <tile_2> P ... <tile_global_thumbnail> P: the tags sit between pads, so they are
+        # tokenized alone, which is what the whole string gives too.
+        body = self._body_ids.get(num_tiles)
+        if body is None:
+            pads = [self.special.vision_pad] * self.tokens_per_tile
+            ids = list(pads)
+            for tag in _tile_tags(num_tiles)[1:]:
+                ids += self._encode(tag) + pads
+            body = self._body_ids[num_tiles] = tuple(ids)
+        return body
+
+
+def _tile_tags(num_tiles: int) -> list[str]:
+    # Reference: <tile_1>..<tile_{N-1}> for the grid tiles, then the thumbnail; a one-tile
+    # image has no grid tags and its single tile is tagged as the thumbnail.
+    return [f"<tile_{k}>" for k in range(1, num_tiles)] + ["<tile_global_thumbnail>"]
+
+
+def _image_head_tail(num_tiles: int) -> tuple[str, str]:
+    # The text before an image's first pad and after its last one. Both merge with the
+    # neighbouring text in BPE ("<Image><tile_1>" has a "><" token), so they are tokenized with it.
+    return "<Image>" + _tile_tags(num_tiles)[0], "</Image>"
+
+
+def _reference_segments(
+    system: str | None, turns: list[PromptMessage], add_generation_prompt: bool
+) -> list[str | ImageSlot]:
+    # The card's chat(): FastChat-style "chatml" template, MPT separator style, so each turn
+    # is role + message + "<|im_end|>" with no newline after it.
+    if system is None:
+        system = DEFAULT_SYSTEM_PROMPT
+    segments: list[str | ImageSlot] = []
+    if system:  # "" means no system turn at all
+        segments.append(f"{IM_START}system\n{system}{IM_END}")
+    for message in turns:
+        segments.append(f"{IM_START}{message.role}\n")
+        num_images = sum(isinstance(part, ImageSlot) for part in message.parts)
+        k = 0
+        for part in message.parts:
+            if isinstance(part, str):
+                segments.append(part)
+                continue
+            # "<image>\n" for one image, as chat() prepends it; "Image-k: <image>\n" for several,
+            # the card's multi-image layout, numbered within the message.
+            k += 1
+            segments += ["" if num_images == 1 else f"Image-{k}: ", part, "\n"]
+        segments.append(IM_END)
+    if add_generation_prompt:
+        segments.append(f"{IM_START}assistant\n")
+    return segments
+
+
+def _texts(message: PromptMessage) -> list[str]:
+    return [part for part in message.parts if isinstance(part, str)]
+
+
+def _validate(
+    messages: Sequence[PromptMessage], add_generation_prompt: bool
+) -> tuple[PromptMessage | None, list[PromptMessage]]:
+    """Checks the conversation; returns the leading system message (or None) and the other turns."""
+    if isinstance(messages, (str, PromptMessage)) or not isinstance(messages, Sequence):
+        raise PromptError(f"messages must be a sequence of PromptMessage, got {type(messages).__name__}")
+    if not messages:
+        raise PromptError("the conversation is empty: pass at least one user message")
+    for i, message in enumerate(messages):
+        if not isinstance(message, PromptMessage):
+            raise PromptError(f"message {i} must be a PromptMessage, got {type(message).__name__}")
+        if message.role not in _ROLES:
+            raise PromptError(f"message {i} has role {message.role!r}; expected one of {list(_ROLES)}")
+        if isinstance(message.parts, str) or not isinstance(message.parts, Sequence):
+            raise PromptError(
+                f"message {i}: parts must be a tuple of str and ImageSlot, got {type(message.parts).__name__}; "
+                "wrap a single text as parts=(text,)"
+            )
+        for j, part in enumerate(message.parts):
+            if isinstance(part, str):
+                _check_text(part, f"message {i} part {j}")
+            elif not isinstance(part, ImageSlot):
+                raise PromptError(f"message {i} part {j} must be a str or an ImageSlot, got {type(part).__name__}")
+            elif message.role != "user":
+                raise PromptError(f"message {i} is a {message.role} message with an image; only user messages take images")
+        if message.role == "system" and i > 0:
+            raise PromptError(f"message {i} is a system message; a system message may only come first")
+        if message.role == "user" and not message.parts:
+            raise PromptError(f"message {i} is a user message without parts")
+
+    turns = list(messages)
+    system = turns.pop(0) if turns[0].role == "system" else None
+    if not turns:
+        raise PromptError("the conversation has only a system message: add a user message")
+    if add_generation_prompt and turns[-1].role == "assistant":
+        raise PromptError(
+            "the conversation ends with an assistant message while add_generation_prompt=True; "
+            "end with a user message, or pass add_generation_prompt=False"
+        )
+    return system, turns
+
+
+def _check_text(text: str, where: str) -> None:
+    # A typed "<|vision_pad|>" would tokenize to the pad id and shift every image feature
+    # after it; the reference would accept it and fail (or misalign) in the embedding merge.
+    if VISION_PAD in text:
+        raise PromptError(f"{where} contains {VISION_PAD!r}, which is reserved for image features; remove it")

@@ -1,0 +1,130 @@
+"""Sampling options and the choice of the next token from logits.
+
+`SamplingOptions` is the one object that carries every per-request generation setting; the
+engine never funnels loose keyword arguments further than its public methods. Knows nothing
+of models, prompts or text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import GenerationOptionsError
+
+DEFAULT_MAX_NEW_TOKENS = 1024  # the model card's default
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Per-request generation settings.
+
+    Attributes:
+        max_new_tokens: generated tokens at most (the model card uses 1024).
+        temperature: 0 means greedy (the model card's setting); > 0 samples.
+        top_p: nucleus mass in (0, 1]; 1 disables it. (The checkpoint's `top_p: 0` is invalid
+            and never used.)
+        top_k: keep the k most likely tokens; 0 disables it.
+        repetition_penalty: > 0; 1 disables it (the CTRL rule, as transformers applies it).
+        seed: makes sampling reproducible per request, whatever else is in the batch.
+        stop: strings that end the answer; they are not included in the text.
+        stop_token_ids: token ids that end the answer besides `<|im_end|>`.
+    """
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        checks = [
+            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+            (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 disables it), got {self.top_p}"),
+            (self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise GenerationOptionsError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        g = torch.Generator(device=device)
+        g.manual_seed(self.seed)
+        return g
+
+
+def make_options(
+    *,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+) -> SamplingOptions:
+    """Build `SamplingOptions` from the keyword arguments of the public API (None = default)."""
+    if isinstance(stop, str):
+        stop = [stop]
+    return SamplingOptions(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature if temperature is not None else 0.0,
+        top_p=1.0 if top_p is None else top_p,
+        top_k=0 if top_k is None else top_k,
+        repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+        seed=seed,
+        stop=tuple(stop or ()),
+        stop_token_ids=tuple(stop_token_ids or ()),
+    )
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Divide positive (multiply negative) logits of already-seen token ids by `penalty`.
+
+    Args:
+        logits: [V] fp32.
+        seen: 1-D ids of prompt and generated tokens.
+    """
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    ids = seen.to(logits.device).unique()
+    picked = logits[ids]
+    logits = logits.clone()
+    logits[ids] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
+
+
+def sample_token(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> int:
+    """Pick the next token from one row of fp32 logits [V]."""
+    if options.greedy:
+        return int(torch.argmax(logits))
+    logits = logits / options.temperature
+    if options.top_k and options.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, options.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if options.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the mass before it already reaches top_p; the first always stays.
+        drop = probs.cumsum(-1) - probs >= options.top_p
+        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,468 @@
+"""The Qwen2.5 byte-level BPE tokenizer that NVLM-D uses, loaded without running checkpoint code.
+
+This module knows how a checkpoint folder stores its tokenizer (`tokenizer.json`, or
+`vocab.json` + `merges.txt`, plus `tokenizer_config.json` with the added tokens, the special
+token names and the chat template) and how to rebuild the same fast tokenizer from those files
+alone. It never imports code from the folder: `auto_map` is ignored and `trust_remote_code`
+is never passed. It knows nothing about prompts or images (see `prompts.py`).
+
+It also writes a tiny tokenizer with the same schema, pre-tokenizer and added tokens, so that
+tests and tiny random models exercise the real loading path offline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+from tokenizers.models import BPE
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from nvlm_engine.errors import CheckpointError
+
+__all__ = [
+    "ENDOFTEXT",
+    "IM_END",
+    "IM_START",
+    "QWEN2_ADDED_TOKENS",
+    "QWEN2_CHAT_TEMPLATE",
+    "VISION_PAD",
+    "SpecialTokens",
+    "load_tokenizer",
+    "write_tiny_tokenizer",
+]
+
+logger = logging.getLogger(__name__)
+
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+VISION_PAD = "<|vision_pad|>"
+
+# The 22 added tokens of Qwen2.5 as (content, special), in id order; in the 72B checkpoint they
+# take ids 151643..151664, right after the 151,643 base tokens. Tool and FIM tokens are
+# added but not special, so `decode(skip_special_tokens=True)` keeps them, as HF does.
+QWEN2_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
+    (ENDOFTEXT, True),
+    (IM_START, True),
+    (IM_END, True),
+    ("<|object_ref_start|>", True),
+    ("<|object_ref_end|>", True),
+    ("<|box_start|>", True),
+    ("<|box_end|>", True),
+    ("<|quad_start|>", True),
+    ("<|quad_end|>", True),
+    ("<|vision_start|>", True),
+    ("<|vision_end|>", True),
+    (VISION_PAD, True),
+    ("<|image_pad|>", True),
+    ("<|video_pad|>", True),
+    ("<tool_call>", False),
+    ("</tool_call>", False),
+    ("<|fim_prefix|>", False),
+    ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False),
+    ("<|fim_pad|>", False),
+    ("<|repo_name|>", False),
+    ("<|file_sep|>", False),
+)
+
+# Qwen2's pre-tokenizer split: contractions, letters with one leading non-letter, single
+# digits (numbers are tokenized digit by digit), punctuation runs swallowing trailing newlines,
+# newline runs, then spaces. Applied before the byte-level mapping, as in Qwen2.5's tokenizer.json.
+_QWEN2_SPLIT_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+# The published Qwen2.5 chat template, byte for byte as in NVLM-D-72B's tokenizer_config.json.
+# vLLM's OpenAI server renders NVLM-D prompts with it (the VLLM prompt dialect), and the tiny
+# tokenizer ships it so that dialect is testable without the real checkpoint.
+QWEN2_CHAT_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
+
+_CONFIG_FILE = "tokenizer_config.json"
+_TOKENIZER_JSON = "tokenizer.json"
+_VOCAB_FILE = "vocab.json"
+_MERGES_FILE = "merges.txt"
+_CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Ids of the added tokens the engine relies on, looked up by content.
+
+    Attributes:
+        im_start: `<|im_start|>` (151644 in NVLM-D-72B).
+        im_end: `<|im_end|>` (151645), the only stop token of the reference.
+        endoftext: `<|endoftext|>` (151643), the pad token of the config.
+        vision_pad: `<|vision_pad|>` (151654), one per image feature row.
+    """
+
+    im_start: int
+    im_end: int
+    endoftext: int
+    vision_pad: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> SpecialTokens:
+        """Looks the ids up among the tokenizer's added tokens.
+
+        They must be added tokens, not merely vocabulary entries: only added tokens are cut
+        out of the text before pre-tokenization, which the prompt splicing relies on.
+
+        Raises:
+            CheckpointError: one or more of the tokens is not an added token.
+        """
+        added = tokenizer.get_added_vocab()
+        wanted = {"im_start": IM_START, "im_end": IM_END, "endoftext": ENDOFTEXT, "vision_pad": VISION_PAD}
+        missing = [content for content in wanted.values() if content not in added]
+        if missing:
+            raise CheckpointError(
+                f"the tokenizer lacks the added tokens {missing}; NVLM-D needs "
+                f"{list(wanted.values())} (declared in tokenizer_config.json's added_tokens_decoder). "
+                "Check that the folder holds the NVLM-D-72B tokenizer files."
+            )
+        return cls(**{field: added[content] for field, content in wanted.items()})
+
+
+def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
+    """Loads the fast tokenizer of a checkpoint folder without executing any of its code.
+
+    Reads `tokenizer.json` when present, else builds the Qwen2 byte-level BPE from `vocab.json`
+    and `merges.txt` (NFC normalizer, Qwen2 split regex, byte-level mapping and decoder).
+    `tokenizer_config.json` is required either way: its `added_tokens_decoder` entries are
+    registered with their exact ids and flags, and it names the eos/pad tokens and holds the
+    chat template (else `chat_template.jinja` beside it is used).
+
+    Args:
+        folder: the checkpoint folder.
+
+    Returns:
+        A `PreTrainedTokenizerFast` that adds no BOS token.
+
+    Raises:
+        CheckpointError: a file is missing or unreadable, an added token cannot get its
+            declared id, or a named special token is not in the vocabulary.
+    """
+    start = time.perf_counter()
+    folder = Path(folder)
+    config = _read_config(folder)
+    if (folder / _TOKENIZER_JSON).is_file():
+        backend = _read_tokenizer_json(folder / _TOKENIZER_JSON)
+    else:
+        backend = _build_bpe(folder, add_prefix_space=bool(config.get("add_prefix_space", False)))
+    _register_added_tokens(backend, config.get("added_tokens_decoder") or {}, folder)
+
+    if config.get("split_special_tokens"):
+        # With it, "<|im_start|>" typed as text stays text and every prompt would be wrong.
+        raise CheckpointError(
+            f"{folder / _CONFIG_FILE} sets split_special_tokens=true, which NVLM-D prompts cannot use: "
+            "set it to false."
+        )
+    named = {key: _token_content(config.get(key)) for key in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    unknown = {key: token for key, token in named.items() if token is not None and backend.token_to_id(token) is None}
+    if unknown:
+        # The wrapper would silently append them as new tokens with fresh ids.
+        raise CheckpointError(
+            f"{folder / _CONFIG_FILE} names special tokens that are not in the vocabulary: {unknown}. "
+            "Fix the config or add them to added_tokens_decoder."
+        )
+    extra = config.get("additional_special_tokens")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        **named,
+        additional_special_tokens=list(extra) if isinstance(extra, list) else None,
+        chat_template=_chat_template(config, folder),
+        model_max_length=int(config.get("model_max_length", 131072)),
+        clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+        add_bos_token=False,  # the config says so and the reference prompt has no BOS
+    )
+    logger.debug(
+        "loaded tokenizer from %s: %d tokens in %.2f s", folder, len(tokenizer), time.perf_counter() - start
+    )
+    return tokenizer
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / _CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"no tokenizer in {folder}: looked for {_CONFIG_FILE} together with {_TOKENIZER_JSON} "
+            f"or {_VOCAB_FILE} + {_MERGES_FILE}, and {path} is missing. "
+            "Point at the NVLM-D-72B checkpoint folder, or download its tokenizer files into it."
+        )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}. Re-download the file.") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(config).__name__}. Re-download the file.")
+    return config
+
+
+def _read_tokenizer_json(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust side raises plain Exception subclasses
+        raise CheckpointError(f"cannot read {path}: {e}. Re-download the file, or delete it to use vocab.json.") from e
+
+
+def _build_bpe(folder: Path, *, add_prefix_space: bool) -> Tokenizer:
+    missing = [name for name in (_VOCAB_FILE, _MERGES_FILE) if not (folder / name).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"no tokenizer in {folder}: looked for {_TOKENIZER_JSON}, or {_VOCAB_FILE} + {_MERGES_FILE}; "
+            f"missing {missing}. Download the tokenizer files of the checkpoint into {folder}."
+        )
+    try:
+        # Parsed on the Rust side: about 3x faster than json + a Python merges list for the
+        # 151k-token vocabulary. Accepts merges with or without a "#version" header.
+        model = BPE.from_file(
+            str(folder / _VOCAB_FILE),
+            str(folder / _MERGES_FILE),
+            dropout=None,
+            unk_token=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+            byte_fallback=False,  # byte-level BPE never needs an unknown token
+        )
+    except Exception as e:  # the Rust side raises plain Exception for unreadable or malformed files
+        raise CheckpointError(
+            f"cannot build the BPE tokenizer from {folder / _VOCAB_FILE} and {folder / _MERGES_FILE}: {e}. "
+            "Re-download both files."
+        ) from e
+    backend = Tokenizer(model)
+    _set_qwen2_pipeline(backend, add_prefix_space=add_prefix_space)
+    return backend
+
+
+def _set_qwen2_pipeline(backend: Tokenizer, *, add_prefix_space: bool = False) -> None:
+    # Same pipeline as Qwen2.5's tokenizer.json (and the slow Qwen2Tokenizer, which also NFC-
+    # normalizes): text that is not NFC does not round-trip byte for byte.
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, trim_offsets=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+
+
+def _register_added_tokens(backend: Tokenizer, declared: dict[str, Any], folder: Path) -> None:
+    try:
+        entries = sorted((int(token_id), spec) for token_id, spec in declared.items())
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder / _CONFIG_FILE}: added_tokens_decoder keys must be ids: {e}") from e
+    # tokenizer.json already carries its added tokens; they are checked, not added again.
+    already_added = {token.content for token in backend.get_added_tokens_decoder().values()}
+    for token_id, spec in entries:
+        content = _token_content(spec)
+        if content is None:
+            raise CheckpointError(f"{folder / _CONFIG_FILE}: added token {token_id} has no content")
+        flags = spec if isinstance(spec, dict) else {}
+        if content not in already_added:
+            # A new token takes the next free id; sorting by id makes the contiguous block of the
+            # real checkpoint (151643..151664 after 151,643 base tokens) land exactly. A token already
+            # in the base vocabulary keeps its id and only becomes unsplittable.
+            backend.add_tokens(
+                [
+                    AddedToken(
+                        content,
+                        single_word=bool(flags.get("single_word", False)),
+                        lstrip=bool(flags.get("lstrip", False)),
+                        rstrip=bool(flags.get("rstrip", False)),
+                        normalized=bool(flags.get("normalized", False)),
+                        special=bool(flags.get("special", False)),
+                    )
+                ]
+            )
+        got = backend.token_to_id(content)
+        if got != token_id:
+            raise CheckpointError(
+                f"{folder / _CONFIG_FILE} declares {content!r} as id {token_id}, but it gets id {got} "
+                f"(base vocabulary of {backend.get_vocab_size(with_added_tokens=False)} tokens). "
+                "Added token ids must follow the vocabulary without gaps; the files do not belong together."
+            )
+
+
+def _token_content(value: Any) -> str | None:
+    # Special tokens are strings, or AddedToken dicts ({"content": ..., "__type": "AddedToken"}).
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _chat_template(config: dict[str, Any], folder: Path) -> str | dict[str, str] | None:
+    template = config.get("chat_template")
+    if isinstance(template, str):
+        return template
+    if isinstance(template, list):
+        # Older multi-template form: [{"name": "default", "template": "..."}, ...].
+        return {item["name"]: item["template"] for item in template if isinstance(item, dict)}
+    path = folder / _CHAT_TEMPLATE_FILE
+    if path.is_file():  # transformers >= 4.43 saves it beside the config
+        return path.read_text(encoding="utf-8")
+    return None
+
+
+# --- tiny tokenizer ----------------------------------------------------------------------
+
+# Training text for the tiny tokenizer: the words of NVLM prompts (roles, tile tags, task
+# prompts) plus plain English, digits and punctuation. Every line appears twice in training,
+# so min_frequency=2 admits each word's merges and the merge count is set by vocab size.
+_TINY_CORPUS = (
+    "Answer the questions.",
+    "You are a helpful assistant. You are Qwen, created by Alibaba Cloud.",
+    "system user assistant",
+    "<image>\nWhat is in this image? Describe the image in detail.",
+    "Image-1: <image>\nImage-2: <image>\nWhat is the difference between the two images?",
+    "<Image><tile_1><tile_2><tile_3><tile_4><tile_5><tile_6><tile_global_thumbnail></Image>",
+    "Answer the question using a single word, phrase, or number.",
+    "Answer the question using a single word or phrase.",
+    "Transcribe the document as plain text along with bounding boxes.",
+    "Extract all texts and their bounding boxes from the given image using grounded OCR.",
+    'Locate the text "total" in the image. Identify the text "date" and provide the coordinates.',
+    "Recognize the text in this region: <ref>price</ref><box>(120,340),(567,890)</box>",
+    "<quad>(10,20),(30,40),(50,60),(70,80)</quad>",
+    "The quick brown fox jumps over the lazy dog.",
+    "A cat is sitting on a red chair next to the window, looking outside at the birds.",
+    "There are 3 people in the picture: two adults and one child, standing near a car.",
+    "The chart shows sales from 2019 to 2024; revenue grew by 12.5% each year.",
+    "Hello, world! How are you today? I'm fine, thanks. Let's go.",
+    "It's a sunny day in the park, and children are playing football on the grass.",
+    "The receipt lists: coffee $3.50, bread $2.25, milk $1.99 -- total $7.74.",
+    "Please read the sign and tell me what it says about opening hours (9am-5pm).",
+    "Which animal is larger, the elephant or the mouse? The elephant is much larger.",
+    "def main():\n    print('hello')\n    return 0\n",
+    "Question: how many apples are on the table? Answer: four apples.",
+    "The document is a letter written in English; it has a title, a date and a signature.",
+    "Count the objects, then list their colors: blue, green, yellow, orange, purple, white.",
+    "The map of the city shows streets, a river, a bridge, the station and the museum.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 256 448 1024 2048 65536.",
+    "Punctuation: . , ; : ! ? ' \" ( ) [ ] { } < > / \\ | - _ + = * & ^ % $ # @ ~ `",
+    "Because the model answers questions about images, the prompt starts with the image.",
+    "Thank you! Have a nice day, and see you tomorrow morning at the office.",
+)
+_TINY_VOCAB_SIZE = 768  # 256 byte tokens + 512 merges, before the 22 added tokens
+
+
+def write_tiny_tokenizer(folder: Path) -> None:
+    """Writes a small Qwen2-style tokenizer: `vocab.json`, `merges.txt`, `tokenizer_config.json`.
+
+    A byte-level BPE is trained in-process (deterministically, in a few milliseconds, offline)
+    on a built-in corpus, with the Qwen2 normalizer and pre-tokenizer; the 22 Qwen2.5 added
+    tokens follow its base vocabulary in the same order, and the config carries the Qwen2.5
+    chat template, so `load_tokenizer(folder)` takes the same path as for the real checkpoint.
+
+    Args:
+        folder: where to write; created if missing, files in it are overwritten.
+    """
+    backend = Tokenizer(BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    _set_qwen2_pipeline(backend)
+    trainer = trainers.BpeTrainer(
+        vocab_size=_TINY_VOCAB_SIZE,
+        min_frequency=2,
+        show_progress=False,
+        special_tokens=[],  # the trainer would put them first; Qwen puts them after the vocabulary
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: any text encodes
+    )
+    backend.train_from_iterator(list(_TINY_CORPUS) * 2, trainer=trainer)
+    model = json.loads(backend.to_str())["model"]
+    vocab: dict[str, int] = dict(sorted(model["vocab"].items(), key=lambda item: item[1]))
+    # tokenizers >= 0.20 stores merges as pairs, older versions as "left right" strings.
+    merges = [" ".join(pair) if isinstance(pair, list) else pair for pair in model["merges"]]
+
+    added_tokens_decoder = {
+        str(len(vocab) + offset): {
+            "content": content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": special,
+        }
+        for offset, (content, special) in enumerate(QWEN2_ADDED_TOKENS)
+    }
+    config = {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": added_tokens_decoder,
+        "additional_special_tokens": [c for c, special in QWEN2_ADDED_TOKENS if special and c != ENDOFTEXT],
+        "bos_token": None,
+        "chat_template": QWEN2_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": IM_END,
+        "errors": "replace",
+        "model_max_length": 131072,
+        "pad_token": ENDOFTEXT,
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    # Same layout as the real files: compact UTF-8 vocab, merges without a "#version" header.
+    (folder / _VOCAB_FILE).write_text(json.dumps(vocab, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+    (folder / _MERGES_FILE).write_text("".join(f"{merge}\n" for merge in merges), encoding="utf-8")
+    (folder / _CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    logger.debug("wrote tiny tokenizer to %s: %d base tokens, %d merges", folder, len(vocab), len(merges))

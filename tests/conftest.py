@@ -1,0 +1,39 @@
+"""Shared fixtures: the real 72B metadata from ../shared (skipped where absent) and tiny checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REAL_72B = SHARED / "nvlm-d-72b"
+TESTDATA_IMAGES = SHARED / "testdata" / "images"
+
+
+def require_real_72b() -> Path:
+    if not (REAL_72B / "config.json").is_file():
+        pytest.skip(f"the real NVLM-D-72B metadata is not at {REAL_72B} (it sits beside the project in CI)")
+    return REAL_72B
+
+
+@pytest.fixture(scope="session")
+def real_72b() -> Path:
+    return require_real_72b()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random NVLM-D in the published layout, with the real tokenizer when available."""
+    from nvlm_engine.testing import build_tiny_checkpoint
+
+    folder = tmp_path_factory.mktemp("tiny-nvlm")
+    source = REAL_72B if (REAL_72B / "vocab.json").is_file() else None
+    return build_tiny_checkpoint(folder, tokenizer_from=source)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_checkpoint: Path):
+    from nvlm_engine import NVLMEngine
+
+    return NVLMEngine.from_pretrained(tiny_checkpoint, device_map="cpu", dtype="float32")
