@@ -83,13 +83,11 @@ class TextStream:
             self._text = self._text.rstrip()
 
     def _release(self, *, final: bool) -> str:
-        end = len(self._text)
-        if final or self.stopped:
-            end = len(self._text.rstrip())
-        else:
-            end = len(self._text.rstrip())  # trailing whitespace waits for more text
-            end = min(end, len(self._text) - self._held_stop_prefix())
-        end = max(end, self._emitted)
+        cut = len(self._text)
+        if not (final or self.stopped):
+            cut -= self._held_stop_prefix()
+        # Trailing whitespace waits: the final text is stripped, and a stop string may follow it.
+        end = max(len(self._text[:cut].rstrip()), self._emitted)
         delta = self._text[self._emitted : end]
         self._emitted = end
         return delta
