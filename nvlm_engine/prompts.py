@@ -126,7 +126,11 @@ class PromptBuilder:
         tokens_per_tile: int = 256,
     ) -> None:
         self.tokenizer = tokenizer
-        self.dialect = PromptDialect(dialect)
+        try:
+            self.dialect = PromptDialect(dialect)
+        except ValueError as e:
+            known = [d.value for d in PromptDialect]
+            raise PromptError(f"unknown prompt dialect {dialect!r}; expected one of {known}") from e
         self.special = SpecialTokens.from_tokenizer(tokenizer)
         if isinstance(tokens_per_tile, bool) or not isinstance(tokens_per_tile, int) or tokens_per_tile < 1:
             raise PromptError(f"tokens_per_tile must be an int >= 1, got {tokens_per_tile!r}")
@@ -227,7 +231,8 @@ class PromptBuilder:
     ) -> list[str | ImageSlot]:
         # vLLM writes a literal "<image>" per image and the template copies message contents
         # verbatim. A random marker no user can guess stands in for it here, so the rendered
-        # text can be cut at the images without searching user text for "<image>".
+        # text can be cut at the images without searching user text for "<image>" (vLLM itself
+        # would take a typed "<image>" for a placeholder; here it stays text).
         marker = f"<image-{secrets.token_hex(16)}>"
         conversation: list[dict[str, str]] = []
         if system is not None:  # None: the template writes its own default system turn
@@ -282,8 +287,9 @@ def _tile_tags(num_tiles: int) -> list[str]:
 
 
 def _image_head_tail(num_tiles: int) -> tuple[str, str]:
-    # The text before an image's first pad and after its last one. Both merge with the
-    # neighbouring text in BPE ("<Image><tile_1>" has a "><" token), so they are tokenized with it.
+    # The text before an image's first pad and after its last one. BPE merges across their
+    # edges ("Image-1: <Image>" has " <", "<Image><tile_1>" has "><", "</Image>\nQ" has ">\n"),
+    # so each is tokenized together with the text beside it, never alone.
     return "<Image>" + _tile_tags(num_tiles)[0], "</Image>"
 
 
@@ -343,7 +349,9 @@ def _validate(
             elif not isinstance(part, ImageSlot):
                 raise PromptError(f"message {i} part {j} must be a str or an ImageSlot, got {type(part).__name__}")
             elif message.role != "user":
-                raise PromptError(f"message {i} is a {message.role} message with an image; only user messages take images")
+                raise PromptError(
+                    f"message {i} is a {message.role} message with an image; only user messages take images"
+                )
         if message.role == "system" and i > 0:
             raise PromptError(f"message {i} is a system message; a system message may only come first")
         if message.role == "user" and not message.parts:
