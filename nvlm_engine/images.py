@@ -58,7 +58,7 @@ DEFAULT_MAX_PIXELS = 64_000_000
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 DEFAULT_FETCH_TIMEOUT_S = 10.0
 
-ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.Image]
+ImageSource = Union[str, os.PathLike[str], bytes, bytearray, memoryview, Image.Image]
 
 _FETCH_CHUNK = 64 * 1024
 _EXIF_ORIENTATION = 0x0112
@@ -103,7 +103,8 @@ def load_image(
             download.
 
     Returns:
-        A fully loaded `PIL.Image.Image` in mode "RGB".
+        A fully loaded `PIL.Image.Image` in mode "RGB" (the given object itself when a PIL
+        image needs no change).
 
     Raises:
         ImageSourceError: the source is missing, of an unsupported kind, a URL while
@@ -188,7 +189,7 @@ def _read_source(
             "base64 text, a data: URL, an http(s) URL or a PIL image"
         )
 
-    head = source.lstrip()[:16].lower()
+    head = source[:64].lstrip()[:16].lower()  # a base64 source can be megabytes long
     if head.startswith(("http://", "https://")):
         url = source.strip()
         if not allow_url_fetch:
@@ -289,7 +290,8 @@ def _fetch_url(url: str, *, max_bytes: int, timeout_s: float) -> tuple[bytes, st
                 _check_byte_count(int(declared), max_bytes, label)
             content_type = response.headers.get_content_type()
             while True:
-                chunk = response.read(min(_FETCH_CHUNK, max_bytes + 1 - total))
+                # read1: whatever one recv brings, so the deadline is checked as bytes trickle in.
+                chunk = response.read1(min(_FETCH_CHUNK, max_bytes + 1 - total))
                 if not chunk:
                     break
                 chunks.append(chunk)
@@ -315,8 +317,8 @@ def _fetch_url(url: str, *, max_bytes: int, timeout_s: float) -> tuple[bytes, st
 def _check_byte_count(n: int, max_bytes: int, label: str) -> None:
     if n > max_bytes:
         raise ImageTooLargeError(
-            f"{label} is {n / 2**20:.1f} MiB or more, above max_bytes={max_bytes} "
-            f"({max_bytes / 2**20:.1f} MiB); downscale the image, or raise max_bytes if you trust it"
+            f"{label} has {n:,} bytes or more, above max_bytes={max_bytes} ({max_bytes / 2**20:.1f} MiB); "
+            "downscale or recompress the image, or raise max_bytes if you trust it"
         )
 
 
@@ -335,7 +337,7 @@ def _decode(data: bytes, label: str, max_pixels: int) -> Image.Image:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            image = Image.open(io.BytesIO(data))
+            opened = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as e:
             raise ImageTooLargeError(f"{label}: {e}; downscale the image") from e
         except Image.UnidentifiedImageError as e:
@@ -351,7 +353,7 @@ def _decode(data: bytes, label: str, max_pixels: int) -> Image.Image:
             if issubclass(warning.category, Image.DecompressionBombWarning):
                 raise ImageTooLargeError(f"{label}: {warning.message}; downscale the image")
         # Image.open only read the header: the size check happens before any pixel decoding.
-        image = _finish(image, label, max_pixels)
+        image = _finish(opened, label, max_pixels)
     for warning in caught:
         logger.debug("%s: Pillow warned: %s", label, warning.message)
     return image

@@ -70,7 +70,9 @@ class TiledImage:
     num_tiles: int
 
     def __post_init__(self) -> None:
-        assert self.pixel_values.shape[0] == self.num_tiles, (self.pixel_values.shape, self.num_tiles)
+        shape = tuple(self.pixel_values.shape)
+        if len(shape) != 4 or shape[0] != self.num_tiles or shape[1] != 3:
+            raise ImageError(f"pixel_values must be [num_tiles={self.num_tiles}, 3, H, W]; got {list(shape)}")
 
 
 def candidate_grids(min_tiles: int = 1, max_tiles: int = 6) -> list[tuple[int, int]]:
@@ -208,20 +210,22 @@ def preprocess_image(
 
     # 3. Cut the tiles as uint8 (cheap), row-major: tile k = row * cols + col, like the
     #    reference's crop boxes (col * tile, row * tile, ...).
+    #    numpy, not torch: its strided uint8 copy is about 3x faster for this transposition.
     num_tiles = grid_tiles + int(with_thumbnail)
-    tiles = torch.empty((num_tiles, 3, tile_size, tile_size), dtype=torch.uint8)
-    grid_hwc = _to_tensor_hwc(resized)  # [rows*tile, cols*tile, 3]
-    tiles[:grid_tiles].view(rows, cols, 3, tile_size, tile_size).copy_(
-        grid_hwc.view(rows, tile_size, cols, tile_size, 3).permute(0, 2, 4, 1, 3)
-    )
+    tiles = np.empty((num_tiles, 3, tile_size, tile_size), dtype=np.uint8)
+    grid_hwc = np.asarray(resized)  # [rows*tile, cols*tile, 3] uint8, read-only
+    tiles[:grid_tiles].reshape(rows, cols, 3, tile_size, tile_size)[...] = grid_hwc.reshape(
+        rows, tile_size, cols, tile_size, 3
+    ).transpose(0, 2, 4, 1, 3)
     if thumbnail is not None:
-        tiles[grid_tiles].copy_(_to_tensor_hwc(thumbnail).permute(2, 0, 1))
+        tiles[grid_tiles] = np.asarray(thumbnail).transpose(2, 0, 1)
 
     # 4. Normalize every byte through the table (one gather per channel, no arithmetic).
     lut = _normalization_lut()
+    indices = torch.from_numpy(tiles)
     pixel_values = torch.empty(tiles.shape, dtype=torch.float32)  # [T, 3, tile, tile]
     for channel in range(3):
-        pixel_values[:, channel] = torch.take(lut[channel], tiles[:, channel].long())
+        pixel_values[:, channel] = torch.take(lut[channel], indices[:, channel].long())
     return TiledImage(pixel_values=pixel_values, grid=(cols, rows), num_tiles=num_tiles)
 
 
@@ -262,11 +266,6 @@ def _resize(
         thumbnail = pool.submit(image.resize, thumbnail_size, bicubic)
         resized = image.resize(grid_size, bicubic)
         return resized, thumbnail.result()
-
-
-def _to_tensor_hwc(image: Image.Image) -> torch.Tensor:
-    # np.array (not asarray) copies into a writable buffer, which torch.from_numpy wants.
-    return torch.from_numpy(np.array(image, dtype=np.uint8))  # [H, W, 3]
 
 
 @functools.lru_cache(maxsize=1)
