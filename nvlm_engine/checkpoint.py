@@ -153,9 +153,14 @@ def fill_model(
     *,
     device_of: Callable[[str], torch.device],
     dtype: torch.dtype,
+    column_major: frozenset[str] = frozenset(),
     progress: Callable[[Path, int, int], None] | None = None,
 ) -> None:
-    """Assign every tensor from the checkpoint to `model` (built on `meta`), shard by shard."""
+    """Assign every tensor from the checkpoint to `model` (built on `meta`), shard by shard.
+
+    Names in `column_major` (2-D weights) are stored transposed in memory, same shape and values:
+    written straight into that layout so that no second full-size copy is ever made.
+    """
     by_shard: dict[Path, list[str]] = {}
     for name, info in infos.items():
         by_shard.setdefault(info.shard, []).append(name)
@@ -163,8 +168,15 @@ def fill_model(
     for number, shard in enumerate(shards, start=1):
         for name, tensor in _read_shard(shard, by_shard[shard]):
             target = dtype if tensor.is_floating_point() else tensor.dtype
-            _assign(model, name, tensor.to(device=device_of(name), dtype=target))
-            del tensor
+            if name in column_major and tensor.dim() == 2:
+                value = torch.empty(tensor.shape[::-1], dtype=target, device=device_of(name)).t()
+                value.copy_(tensor)
+            else:
+                # Always a copy: a view would keep the whole shard's memory map (and every page
+                # read from it) alive for the life of the model.
+                value = tensor.to(device=device_of(name), dtype=target, copy=True)
+            _assign(model, name, value)
+            del tensor, value
         if progress is not None:
             progress(shard, number, len(shards))
 

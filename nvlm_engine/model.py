@@ -15,6 +15,7 @@ Knows nothing of tokenizers, images on disk, sampling or streaming.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,8 @@ from torch import nn
 
 from .config import NVLMConfig
 from .vision import InternVisionModel
+
+logger = logging.getLogger(__name__)
 
 
 def pixel_shuffle(x: torch.Tensor, ratio: float, version: str = "v2") -> torch.Tensor:
@@ -66,6 +69,12 @@ class NVLMModel(nn.Module):
             nn.Linear(llm.intermediate_size, llm.hidden_size, bias=False),
         )
         self.language_model = Qwen2ForCausalLM(llm.to_transformers(context_length or llm.max_position_embeddings))
+
+    def prepare_for_inference(self) -> None:
+        """After loading: drop the vision dummy heads when provably inert (outputs unchanged)."""
+        if self.vision_model.drop_dummy_heads():
+            logger.info("dropped %d inert vision dummy heads per layer", self.config.vision.num_dummy_heads)
+        self.eval()
 
     # --- vision --------------------------------------------------------------------------
 
