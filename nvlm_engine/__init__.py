@@ -28,7 +28,7 @@ from .errors import (
 from .generation import GenerationResult, PreparedRequest, Usage
 from .images import load_image
 from .prompts import PromptDialect
-from .sampling import SamplingOptions
+from .sampling import SamplingOptions, TokenConstraint
 from .tiling import TiledImage, preprocess_image
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "PromptError",
     "SamplingOptions",
     "TiledImage",
+    "TokenConstraint",
     "UnsafeCheckpointError",
     "Usage",
     "VisionConfig",

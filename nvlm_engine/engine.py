@@ -30,7 +30,7 @@ from .generation import Delta, GenerationResult, PreparedRequest, TokenIds, deco
 from .images import load_image
 from .model import NVLMModel
 from .prompts import ImageSlot, PromptBuilder, PromptDialect, PromptMessage
-from .sampling import DEFAULT_MAX_NEW_TOKENS, make_options
+from .sampling import DEFAULT_MAX_NEW_TOKENS, TokenConstraint, make_options
 from .tiling import preprocess_image
 from .tokenizer import SpecialTokens, load_tokenizer
 
@@ -248,6 +248,7 @@ class NVLMEngine:
         stop_token_ids: Sequence[int] | None = None,
         max_tiles: int | None = None,
         cancel: threading.Event | None = None,
+        constraint: TokenConstraint | None = None,
     ) -> PreparedRequest:
         """Load and tile images, build prompt ids and check the context, before any model compute.
 
@@ -261,6 +262,8 @@ class NVLMEngine:
             stop_token_ids: ids that end the answer besides `<|im_end|>`.
             max_tiles: tiles per image for this request (1..12).
             cancel: an event another thread may set to stop this request.
+            constraint: restricts each next token (a grammar matcher, see `TokenConstraint`);
+                the request ends when the constraint is done. One per request: it is stateful.
 
         Raises:
             PromptError: malformed messages. ContextLengthError: prompt + max_new_tokens too long.
@@ -304,6 +307,7 @@ class NVLMEngine:
             cancel=cancel or threading.Event(),
             started=started,
             preprocess_s=time.perf_counter() - started,
+            constraint=constraint,
         )
 
     def count_tokens(self, messages: Sequence[Message], *, max_tiles: int | None = None) -> int:

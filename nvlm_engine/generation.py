@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .model import LLMStep, NVLMModel, build_attention_mask
-from .sampling import SamplingOptions, apply_repetition_penalty, sample_token
+from .sampling import SamplingOptions, TokenConstraint, apply_constraint, apply_repetition_penalty, sample_token
 from .textstream import Decoder, TextStream
 
 
@@ -69,6 +69,7 @@ class PreparedRequest:
     cancel: threading.Event = field(default_factory=threading.Event)
     started: float = field(default_factory=time.perf_counter)
     preprocess_s: float = 0.0
+    constraint: TokenConstraint | None = None  # e.g. a grammar matcher for tool calls / JSON
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,7 @@ def _choose(row: _Row, logits: torch.Tensor) -> int:
     options = row.options
     if options.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, row.seen, options.repetition_penalty)
+    logits = apply_constraint(logits, row.request.constraint)
     return sample_token(logits, options, row.generator)
 
 
@@ -214,11 +216,14 @@ def _advance(row: _Row, token: int, end_id: int) -> str:
     if token == end_id or token in row.options.stop_token_ids:
         row.finish_reason = "stop"
         return ""
+    constraint = row.request.constraint
+    if constraint is not None:
+        constraint.accept(token)
     row.generated.append(token)
     if row.options.repetition_penalty != 1.0:
         row.seen = torch.cat([row.seen, torch.tensor([token])])
     delta = row.stream.push(token)
-    if row.stream.stopped:
+    if row.stream.stopped or (constraint is not None and constraint.done):
         row.finish_reason = "stop"
     elif len(row.generated) >= row.options.max_new_tokens:
         row.finish_reason = "length"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -128,3 +129,33 @@ def sample_token(logits: torch.Tensor, options: SamplingOptions, generator: torc
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class TokenConstraint(Protocol):
+    """A stateful, per-request restriction of the next token, e.g. a grammar matcher.
+
+    The engine calls `allowed()` before each token is chosen and `accept()` after; a request
+    whose constraint reports `done` ends with finish_reason "stop".
+    """
+
+    def allowed(self) -> torch.Tensor | None:
+        """Boolean mask [vocab] of the ids allowed next (shorter masks are padded with False), or None for any."""
+        ...
+
+    def accept(self, token_id: int) -> None: ...
+
+    @property
+    def done(self) -> bool: ...
+
+
+def apply_constraint(logits: torch.Tensor, constraint: TokenConstraint | None) -> torch.Tensor:
+    """Set the logits of ids the constraint forbids to -inf."""
+    if constraint is None:
+        return logits
+    mask = constraint.allowed()
+    if mask is None:
+        return logits
+    mask = mask.to(device=logits.device, dtype=torch.bool)
+    if mask.shape[-1] < logits.shape[-1]:
+        mask = torch.nn.functional.pad(mask, (0, logits.shape[-1] - mask.shape[-1]), value=False)
+    return logits.masked_fill(~mask[: logits.shape[-1]], float("-inf"))

@@ -219,3 +219,32 @@ def test_text_stream_releases_a_dangling_prefix_at_the_end() -> None:
     assert "".join(shown) == "a"
     shown.append(stream.finish())
     assert "".join(shown) == "a <en" == stream.text
+
+
+class _OnlyIds:
+    """A constraint allowing a fixed sequence of ids, one per step, then done."""
+
+    def __init__(self, ids: list[int], vocab: int) -> None:
+        self.ids, self.vocab, self.position = ids, vocab, 0
+
+    def allowed(self) -> torch.Tensor:
+        mask = torch.zeros(self.vocab, dtype=torch.bool)
+        mask[self.ids[self.position]] = True
+        return mask
+
+    def accept(self, token_id: int) -> None:
+        assert token_id == self.ids[self.position]
+        self.position += 1
+
+    @property
+    def done(self) -> bool:
+        return self.position == len(self.ids)
+
+
+def test_token_constraint_forces_the_output(tiny_engine: NVLMEngine) -> None:
+    wanted = tiny_engine.tokenizer.encode(' {"name": "search"}')
+    constraint = _OnlyIds(wanted, len(tiny_engine.tokenizer))
+    result = tiny_engine.generate(CONVERSATIONS[1], max_new_tokens=50, constraint=constraint)
+    assert result.token_ids == wanted
+    assert result.finish_reason == "stop"
+    assert result.text == '{"name": "search"}'
