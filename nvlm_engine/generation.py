@@ -155,6 +155,89 @@ def decode_one(model: NVLMModel, tokens: torch.Tensor, step: LLMStep, valid: tor
     return model.forward_llm(embeds, step), valid
 
 
+class DecodeBatch:
+    """Requests being decoded together: their rows, KV cache, validity mask and next logits.
+
+    `start()` prefills a group of requests; `advance()` picks one token per row, hands out the
+    deltas, drops finished rows and runs the next decoder step; `merge()` joins a freshly
+    prefilled batch to a running one (continuous batching: newcomers do not wait for the
+    running requests to finish). Rows carry the caller's `index` so deltas can be routed.
+    """
+
+    def __init__(self, model: NVLMModel, rows: list[_Row], ids: TokenIds) -> None:
+        self.model = model
+        self.rows = rows
+        self.ids = ids
+        self.logits: torch.Tensor | None = None
+        self.step: LLMStep | None = None
+        self.valid: torch.Tensor | None = None
+
+    @classmethod
+    def start(
+        cls, model: NVLMModel, requests: list[tuple[int, PreparedRequest]], decoder: Decoder, ids: TokenIds
+    ) -> tuple[DecodeBatch, list[Delta]]:
+        """Prefill `(index, request)` pairs; requests cancelled before any compute end at once."""
+        device = model.language_model.lm_head.weight.device
+        rows = [_Row(i, r, decoder, device) for i, r in requests]
+        done: list[Delta] = []
+        for row in rows:
+            if row.request.cancel.is_set():
+                row.finish_reason = "cancelled"
+                done.append(Delta(row.index, "", row.result()))
+        batch = cls(model, [row for row in rows if row.finish_reason is None], ids)
+        if batch.rows:
+            batch.logits, batch.step, batch.valid = prefill(model, [row.request for row in batch.rows], ids)
+        return batch, done
+
+    def merge(self, other: DecodeBatch) -> None:
+        """Append `other`'s rows; the shorter cache is left-padded (padding is never attended)."""
+        if not other.rows:
+            return
+        if not self.rows:
+            self.rows, self.logits, self.step, self.valid = other.rows, other.logits, other.step, other.valid
+            return
+        assert self.step and other.step and self.valid is not None and other.valid is not None
+        assert self.logits is not None and other.logits is not None
+        length = max(self.valid.shape[1], other.valid.shape[1])
+        for cache in (self.step.cache, other.step.cache):
+            _left_pad_cache(cache, length)
+        for a, b in zip(self.step.cache.layers, other.step.cache.layers):
+            a.keys = torch.cat([a.keys, b.keys.to(a.keys.device)])
+            a.values = torch.cat([a.values, b.values.to(a.values.device)])
+        self.valid = torch.cat([_left_pad(self.valid, length), _left_pad(other.valid, length).to(self.valid.device)])
+        self.step.position_ids = torch.cat([self.step.position_ids[:, -1:], other.step.position_ids[:, -1:].to(self.step.position_ids.device)])
+        self.step.attention_mask = None  # rebuilt by the next decode step
+        self.logits = torch.cat([self.logits, other.logits.to(self.logits.device)])
+        self.rows += other.rows
+
+    def advance(self) -> list[Delta]:
+        """Choose one token per row, return the deltas, and compute the next logits."""
+        assert self.logits is not None and self.step is not None and self.valid is not None
+        deltas: list[Delta] = []
+        tokens: list[int] = []
+        for i, row in enumerate(self.rows):
+            token = _choose(row, self.logits[i])
+            tokens.append(token)
+            delta = _advance(row, token, self.ids.end)
+            if row.finish_reason is not None:
+                deltas.append(Delta(row.index, delta + row.stream.finish(), row.result()))
+            elif delta:
+                deltas.append(Delta(row.index, delta))
+        keep = [i for i, row in enumerate(self.rows) if row.finish_reason is None]
+        if len(keep) < len(self.rows):
+            self.rows = [self.rows[i] for i in keep]
+            tokens = [tokens[i] for i in keep]
+            if not keep:
+                self.logits = self.step = self.valid = None
+                return deltas
+            index = torch.tensor(keep, device=self.valid.device)
+            self.step.cache.batch_select_indices(index)
+            self.step.position_ids = self.step.position_ids[index]
+            self.valid = self.valid[index]
+        self.logits, self.valid = decode_one(self.model, torch.tensor(tokens, device=self.valid.device), self.step, self.valid)
+        return deltas
+
+
 def decode_requests(
     model: NVLMModel, requests: list[PreparedRequest], decoder: Decoder, ids: TokenIds
 ) -> Iterator[Delta]:
@@ -162,40 +245,26 @@ def decode_requests(
 
     Each request ends on `<|im_end|>` or one of its stop token ids / stop strings ("stop"),
     after its `max_new_tokens` ("length"), or when its `cancel` event is set ("cancelled").
-    Exactly one `Delta` with `result` set is yielded per request.
+    Exactly one `Delta` with `result` set is yielded per request; `Delta.index` is the
+    request's position in `requests`.
     """
-    device = model.language_model.lm_head.weight.device
-    rows = [_Row(i, r, decoder, device) for i, r in enumerate(requests)]
-    for row in rows:  # cancelled before any compute
-        if row.request.cancel.is_set():
-            row.finish_reason = "cancelled"
-            yield Delta(row.index, "", row.result())
-    rows = [row for row in rows if row.finish_reason is None]
-    if not rows:
-        return
-    logits, step, valid = prefill(model, [row.request for row in rows], ids)
-    while rows:
-        tokens: list[int] = []
-        for i, row in enumerate(rows):
-            token = _choose(row, logits[i])
-            tokens.append(token)
-            delta = _advance(row, token, ids.end)
-            if row.finish_reason is not None:
-                delta += row.stream.finish()
-                yield Delta(row.index, delta, row.result())
-            elif delta:
-                yield Delta(row.index, delta)
-        keep = [i for i, row in enumerate(rows) if row.finish_reason is None]
-        if not keep:
-            return
-        if len(keep) < len(rows):
-            index = torch.tensor(keep, device=valid.device)
-            step.cache.batch_select_indices(index)
-            step.position_ids = step.position_ids[index]
-            valid = valid[index]
-            rows = [rows[i] for i in keep]
-            tokens = [tokens[i] for i in keep]
-        logits, valid = decode_one(model, torch.tensor(tokens, device=valid.device), step, valid)
+    batch, done = DecodeBatch.start(model, list(enumerate(requests)), decoder, ids)
+    yield from done
+    while batch.rows:
+        yield from batch.advance()
+
+
+def _left_pad(valid: torch.Tensor, length: int) -> torch.Tensor:
+    missing = length - valid.shape[1]
+    return torch.nn.functional.pad(valid, (missing, 0), value=False) if missing else valid
+
+
+def _left_pad_cache(cache: object, length: int) -> None:
+    for layer in cache.layers:  # transformers DynamicCache: keys/values [B, H, K, D]
+        missing = length - layer.keys.shape[-2]
+        if missing:
+            layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, missing, 0))
+            layer.values = torch.nn.functional.pad(layer.values, (0, 0, missing, 0))
 
 
 def _choose(row: _Row, logits: torch.Tensor) -> int:

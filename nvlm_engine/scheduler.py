@@ -1,0 +1,228 @@
+"""Continuous batching: many concurrent requests share one engine, one worker thread.
+
+Callers (threads of a server, asyncio tasks, LangChain `batch` calls) `submit()` prepared
+requests and read their deltas from the returned `RequestHandle`, sync or async. The worker
+thread owns the model: between two decode steps it admits waiting requests (prefilled as one
+group and merged into the running batch), so a newcomer's first token never waits for the
+running answers to finish. The queue is bounded; a full queue is a typed error the caller can
+turn into "429 Too Many Requests". Cancelling a handle (a client went away) frees its row at
+the next step.
+
+Knows the engine's prepared requests and decode batch; knows nothing of HTTP or LangChain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .errors import NVLMError
+from .generation import DecodeBatch, Delta, GenerationResult, PreparedRequest
+
+if TYPE_CHECKING:
+    from .engine import NVLMEngine
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFullError(NVLMError):
+    """The scheduler's queue is full: retry later, or raise `max_queue`."""
+
+
+class SchedulerClosedError(NVLMError):
+    """The scheduler was closed; no new requests are accepted."""
+
+
+_END = object()
+
+
+@dataclass(eq=False)
+class RequestHandle:
+    """One submitted request: iterate its text deltas (sync or async); `result` when done."""
+
+    request: PreparedRequest
+    result: GenerationResult | None = None
+    error: BaseException | None = None
+    _queue: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _async_queue: asyncio.Queue | None = None
+
+    def cancel(self) -> None:
+        """Stop generating for this request (any thread); it ends with finish_reason "cancelled"."""
+        self.request.cancel.set()
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                if self.error is not None:
+                    raise self.error
+                return
+            yield item
+
+    def wait(self) -> GenerationResult:
+        """Block until the request is done and return its result."""
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+    async def astream(self) -> AsyncIterator[str]:
+        """Async iteration; the handle must have been submitted with `loop` set (see `Scheduler.submit`)."""
+        assert self._async_queue is not None, "submit(..., loop=asyncio.get_running_loop()) for async use"
+        try:
+            while True:
+                item = await self._async_queue.get()
+                if item is _END:
+                    if self.error is not None:
+                        raise self.error
+                    return
+                yield item
+        finally:
+            if self.result is None:  # the consumer left early: free the slot
+                self.cancel()
+
+    def _put(self, item: object) -> None:
+        if self._loop is not None and self._async_queue is not None:
+            self._loop.call_soon_threadsafe(self._async_queue.put_nowait, item)
+        else:
+            self._queue.put(item)
+
+
+class Scheduler:
+    """Runs an engine's requests with continuous batching in a background thread.
+
+    Args:
+        engine: the loaded engine.
+        max_batch_size: rows decoded together at most; more requests wait in the queue.
+        max_queue: waiting requests at most; `submit` raises `QueueFullError` beyond.
+    """
+
+    def __init__(self, engine: NVLMEngine, *, max_batch_size: int = 16, max_queue: int = 256) -> None:
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self._waiting: list[RequestHandle] = []
+        self._lock = threading.Condition()
+        self._closed = False
+        self._handles: dict[int, RequestHandle] = {}
+        self._next_id = 0
+        self._thread = threading.Thread(target=self._run, name="nvlm-scheduler", daemon=True)
+        self._thread.start()
+
+    # --- callers -------------------------------------------------------------------------
+
+    def submit(self, request: PreparedRequest, *, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        """Queue a prepared request; pass the running event loop to read the handle asynchronously."""
+        handle = RequestHandle(request)
+        if loop is not None:
+            handle._loop, handle._async_queue = loop, asyncio.Queue()
+        with self._lock:
+            if self._closed:
+                raise SchedulerClosedError("the scheduler is closed; create a new one")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"{len(self._waiting)} requests already wait (max_queue={self.max_queue}); retry later")
+            self._waiting.append(handle)
+            self._lock.notify()
+        return handle
+
+    @property
+    def queued(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._handles)
+
+    def close(self, timeout: float | None = 5.0) -> None:
+        """Stop accepting requests, cancel the running ones and stop the worker."""
+        with self._lock:
+            self._closed = True
+            for handle in self._waiting:
+                handle.error = SchedulerClosedError("the scheduler closed before this request started")
+                handle._put(_END)
+            self._waiting.clear()
+            for handle in list(self._handles.values()):
+                handle.cancel()
+            self._lock.notify()
+        self._thread.join(timeout)
+
+    # --- worker --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        batch: DecodeBatch | None = None
+        while True:
+            admitted = self._admit(busy=batch is not None and bool(batch.rows))
+            if admitted is None:
+                return
+            if admitted:
+                batch = self._start(admitted, batch)
+            if batch is None or not batch.rows:
+                continue
+            try:
+                deltas = batch.advance()
+            except Exception as e:  # a failed step fails its requests, never the worker
+                logger.exception("decode step failed")
+                self._fail([row.index for row in batch.rows], e)
+                batch = None
+                continue
+            self._dispatch(deltas)
+
+    def _admit(self, *, busy: bool) -> list[tuple[int, RequestHandle]] | None:
+        """Take waiting requests that fit; block while idle. None means: shut down."""
+        with self._lock:
+            while not busy and not self._waiting and not self._closed:
+                self._lock.wait()
+            if self._closed and not busy:
+                return None
+            room = max(0, self.max_batch_size - len(self._handles))
+            taken, self._waiting = self._waiting[:room], self._waiting[room:]
+            admitted = []
+            for handle in taken:
+                self._next_id += 1
+                self._handles[self._next_id] = handle
+                admitted.append((self._next_id, handle))
+        return admitted
+
+    def _start(self, admitted: list[tuple[int, RequestHandle]], batch: DecodeBatch | None) -> DecodeBatch | None:
+        engine = self.engine
+        try:
+            fresh, done = DecodeBatch.start(
+                engine.model, [(i, h.request) for i, h in admitted], engine.tokenizer, engine.token_ids
+            )
+        except Exception as e:
+            logger.exception("prefill failed")
+            self._fail([i for i, _ in admitted], e)
+            return batch
+        self._dispatch(done)
+        if batch is None or not batch.rows:
+            return fresh
+        batch.merge(fresh)
+        return batch
+
+    def _dispatch(self, deltas: list[Delta]) -> None:
+        for delta in deltas:
+            handle = self._handles.get(delta.index)
+            if handle is None:
+                continue
+            if delta.text:
+                handle._put(delta.text)
+            if delta.result is not None:
+                handle.result = delta.result
+                with self._lock:
+                    del self._handles[delta.index]
+                handle._put(_END)
+
+    def _fail(self, indices: list[int], error: Exception) -> None:
+        for index in indices:
+            with self._lock:
+                handle = self._handles.pop(index, None)
+            if handle is not None:
+                handle.error = error
+                handle._put(_END)
