@@ -1,0 +1,270 @@
+"""The FastAPI application: OpenAI-compatible `/v1/chat/completions`, `/v1/models`, `/health`, `/metrics`.
+
+One loaded engine, one continuous-batching scheduler; every request is validated and prepared
+(images decoded, prompt built, context checked) in a worker thread before it is queued, so bad
+input costs no model time. Clients that disconnect are cancelled and free their slot. Errors
+are OpenAI-style JSON with the right status; no stack trace ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from nvlm_engine import ContextLengthError, NVLMEngine, NVLMError
+from nvlm_engine.errors import ImageSourceError, ImageTooLargeError
+from nvlm_engine.generation import PreparedRequest
+from nvlm_engine.scheduler import QueueFullError, RequestHandle, Scheduler
+
+from . import schemas
+from .convert import ImagePolicy, RequestRejected, to_engine_messages
+from .features import RequestFeatures, plan_features
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Operator settings; every limit has a safe default.
+
+    Attributes:
+        model_name: the id clients see in /v1/models and responses.
+        api_key: when set, every /v1 request needs `Authorization: Bearer <api_key>`.
+        max_body_bytes: larger request bodies get 413.
+        max_tiles: tiles per image at most (a request cannot ask for more).
+        request_timeout_s: a request still running after this is cancelled (504 / stream end).
+        max_batch_size, max_queue: scheduler limits; a full queue answers 429.
+        images: the image policy (inline only by default).
+    """
+
+    model_name: str = "nvlm-d"
+    api_key: str | None = None
+    max_body_bytes: int = 32 * 2**20
+    max_tiles: int = 6
+    request_timeout_s: float = 600.0
+    max_batch_size: int = 16
+    max_queue: int = 256
+    images: ImagePolicy = field(default_factory=ImagePolicy)
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("nvlm_requests_total", "Chat requests by HTTP status", ["status"], registry=self.registry)
+        self.tokens = Counter("nvlm_tokens_total", "Tokens processed", ["kind"], registry=self.registry)
+        self.ttft = Histogram("nvlm_time_to_first_token_seconds", "Time to first token", registry=self.registry)
+        self.latency = Histogram("nvlm_request_seconds", "Request duration", registry=self.registry)
+        self.queued = Gauge("nvlm_queue_depth", "Requests waiting for a batch slot", registry=self.registry)
+        self.running = Gauge("nvlm_running_requests", "Requests being decoded", registry=self.registry)
+
+
+def create_app(engine: NVLMEngine, settings: ServerSettings | None = None) -> FastAPI:
+    """Build the app around a loaded engine (the caller owns its lifetime)."""
+    settings = settings or ServerSettings()
+    metrics = _Metrics()
+    scheduler = Scheduler(engine, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue)
+    metrics.queued.set_function(lambda: scheduler.queued)
+    metrics.running.set_function(lambda: scheduler.running)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        scheduler.close()
+
+    app = FastAPI(title="nvlm-serve", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.scheduler = scheduler
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable) -> Response:
+        # Authentication and body size before any parsing.
+        if request.url.path.startswith("/v1") or request.url.path == "/metrics":
+            if settings.api_key and not _authorized(request, settings.api_key):
+                return _error(401, "missing or wrong API key (send Authorization: Bearer <key>)", "authentication_error",
+                              "invalid_api_key")
+            length = request.headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+                return _error(413, f"request body larger than {settings.max_body_bytes} bytes", code="request_too_large")
+        try:
+            return await call_next(request)
+        except Exception:  # last line of defence: log it, never show it
+            logger.exception("unhandled error")
+            return _error(500, "internal server error", "server_error")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": settings.model_name, "queued": scheduler.queued, "running": scheduler.running}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0, "owned_by": "nvlm"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        started = time.perf_counter()
+        response = await _chat(request, engine, scheduler, settings, metrics)
+        metrics.requests.labels(str(response.status_code)).inc()
+        metrics.latency.observe(time.perf_counter() - started)
+        return response
+
+    return app
+
+
+async def _chat(request: Request, engine: NVLMEngine, scheduler: Scheduler, settings: ServerSettings,
+                metrics: _Metrics) -> Response:
+    # 1. read and validate the body
+    body = await request.body()
+    if len(body) > settings.max_body_bytes:
+        return _error(413, f"request body larger than {settings.max_body_bytes} bytes", code="request_too_large")
+    try:
+        payload = json.loads(body)
+        req = schemas.ChatCompletionRequest.model_validate(payload)
+    except json.JSONDecodeError as e:
+        return _error(400, f"request body is not valid JSON: {e.msg} at position {e.pos}", code="invalid_json")
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return _error(400, f"invalid request: {where}: {first['msg']}", code="invalid_request", param=where)
+    # 2. convert and prepare off the event loop (image decoding, tokenization)
+    try:
+        features = plan_features(req, engine)
+        messages = await run_in_threadpool(to_engine_messages, req.messages, settings.images)
+        prepared = await run_in_threadpool(_prepare, engine, messages, req, settings, features)
+    except RequestRejected as e:
+        return _error(e.status, str(e), code=e.code, param=e.param)
+    except ContextLengthError as e:
+        return _error(400, str(e), code="context_length_exceeded")
+    except ImageTooLargeError as e:
+        return _error(413, str(e), code="image_too_large")
+    except ImageSourceError as e:
+        return _error(400, str(e), code="invalid_image_url")
+    except NVLMError as e:
+        return _error(400, str(e), code=type(e).__name__)
+    # 3. queue it
+    try:
+        handle = scheduler.submit(prepared, loop=asyncio.get_running_loop())
+    except QueueFullError as e:
+        return _error(429, str(e), "rate_limit_error", "queue_full")
+    model = req.model or settings.model_name
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(
+            _sse(handle, model, include_usage, features, settings, metrics),
+            media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+        )
+    return await _complete(request, handle, model, features, settings, metrics)
+
+
+def _prepare(engine: NVLMEngine, messages: list[dict[str, Any]], req: schemas.ChatCompletionRequest,
+             settings: ServerSettings, features: RequestFeatures) -> PreparedRequest:
+    max_tokens = req.max_completion_tokens or req.max_tokens or min(1024, engine.context_length // 4)
+    return engine.prepare(
+        features.messages(messages),
+        max_new_tokens=max_tokens,
+        temperature=req.temperature if req.temperature is not None else 0.0,
+        top_p=req.top_p, top_k=req.top_k, repetition_penalty=req.repetition_penalty, seed=req.seed,
+        stop=req.stop, max_tiles=settings.max_tiles,
+        constraint=features.constraint(),
+    )
+
+
+async def _complete(request: Request, handle: RequestHandle, model: str, features: RequestFeatures,
+                    settings: ServerSettings, metrics: _Metrics) -> Response:
+    consume = asyncio.ensure_future(_drain(handle))
+    deadline = time.monotonic() + settings.request_timeout_s
+    while not consume.done():
+        await asyncio.wait({consume}, timeout=0.25)
+        if consume.done():
+            break
+        if await request.is_disconnected():
+            handle.cancel()  # the client left: free the slot
+        if time.monotonic() > deadline:
+            handle.cancel()
+            await consume
+            return _error(504, f"request exceeded {settings.request_timeout_s:.0f}s and was cancelled", "timeout", "timeout")
+    text = consume.result()
+    result = handle.result
+    assert result is not None
+    _observe(metrics, result)
+    message, finish = features.message(text, result.finish_reason)
+    usage = schemas.usage_dict(result.usage.prompt_tokens, result.usage.completion_tokens)
+    return JSONResponse(schemas.completion(schemas.completion_id(), model, message, finish, usage))
+
+
+async def _drain(handle: RequestHandle) -> str:
+    return "".join([piece async for piece in handle.astream()])
+
+
+async def _sse(handle: RequestHandle, model: str, include_usage: bool, features: RequestFeatures,
+               settings: ServerSettings, metrics: _Metrics) -> AsyncIterator[bytes]:
+    cid = schemas.completion_id()
+    yield _event(schemas.chunk(cid, model, {"role": "assistant", "content": ""}))
+    stream = features.stream_translator()
+    deadline = time.monotonic() + settings.request_timeout_s
+    pieces = handle.astream()
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                piece = await asyncio.wait_for(pieces.__anext__(), timeout=max(0.01, remaining))
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                handle.cancel()
+                continue  # drain to the cancelled end
+            for delta in stream.push(piece):
+                yield _event(schemas.chunk(cid, model, delta))
+        result = handle.result
+        assert result is not None
+        _observe(metrics, result)
+        for delta in stream.finish():
+            yield _event(schemas.chunk(cid, model, delta))
+        finish = stream.finish_reason(result.finish_reason)
+        yield _event(schemas.chunk(cid, model, {}, finish))
+        if include_usage:
+            usage = schemas.usage_dict(result.usage.prompt_tokens, result.usage.completion_tokens)
+            yield _event(schemas.chunk(cid, model, {}, usage=usage, empty_choices=True))
+        yield b"data: [DONE]\n\n"
+    except NVLMError as e:
+        yield _event(schemas.error_body(str(e), kind="server_error"))
+    finally:
+        if handle.result is None:  # client disconnected mid-stream
+            handle.cancel()
+        await pieces.aclose()
+
+
+def _observe(metrics: _Metrics, result: Any) -> None:
+    metrics.tokens.labels("prompt").inc(result.usage.prompt_tokens)
+    metrics.tokens.labels("completion").inc(result.usage.completion_tokens)
+    metrics.ttft.observe(result.timings.get("first_token", 0.0))
+
+
+def _event(body: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
+
+
+def _authorized(request: Request, api_key: str) -> bool:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip(), api_key)
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+           param: str | None = None) -> JSONResponse:
+    return JSONResponse(schemas.error_body(message, kind=kind, code=code, param=param), status_code=status)
