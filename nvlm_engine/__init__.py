@@ -11,6 +11,8 @@ Knows nothing of LangChain, HTTP or command lines.
 
 from .config import LLMConfig, NVLMConfig, VisionConfig
 from .devices import DeviceMapError
+from .placement import PlanError
+from .quantization import QuantizationError
 from .engine import GenerationStream, ImagePolicy, NVLMEngine
 from .errors import (
     CheckpointError,
@@ -48,9 +50,11 @@ __all__ = [
     "NVLMConfig",
     "NVLMEngine",
     "NVLMError",
+    "PlanError",
     "PreparedRequest",
     "PromptDialect",
     "PromptError",
+    "QuantizationError",
     "SamplingOptions",
     "TiledImage",
     "TokenConstraint",

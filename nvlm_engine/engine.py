@@ -24,12 +24,13 @@ import torch
 
 from .checkpoint import check_tensors, fill_model, find_weight_files, infer_dummy_heads, read_tensor_infos
 from .config import NVLMConfig
-from .devices import DeviceMapLike, device_for, resolve_device_map, resolve_dtype
+from .devices import DeviceMapLike, device_for, resolve_placement
 from .errors import CheckpointError, ContextLengthError, PromptError
 from .generation import Delta, GenerationResult, PreparedRequest, TokenIds, decode_requests
 from .images import load_image
 from .model import NVLMModel
 from .prompts import ImageSlot, PromptBuilder, PromptDialect, PromptMessage
+from .quantization import QuantizationScheme, QuantizingLoader, check_runtime, get_scheme
 from .sampling import DEFAULT_MAX_NEW_TOKENS, TokenConstraint, make_options
 from .tiling import preprocess_image
 from .tokenizer import SpecialTokens, load_tokenizer
@@ -132,6 +133,8 @@ class NVLMEngine:
         dtype: str | torch.dtype | None = None,
         max_memory: Mapping[str | int, int | str] | None = None,
         context_length: int | None = None,
+        batch_size: int = 1,
+        quantization: str | QuantizationScheme | None = None,
         dialect: PromptDialect | str = PromptDialect.REFERENCE,
         system_prompt: str | None = None,
         max_tiles: int | None = None,
@@ -142,24 +145,44 @@ class NVLMEngine:
         """Load a checkpoint folder in the published NVLM-D layout.
 
         Nothing from the folder is executed: `*.py` files and `auto_map` are ignored, and
-        pickled weights are refused unless `allow_pickle=True`.
+        pickled weights are refused unless `allow_pickle=True`. Where each module goes is
+        planned before any weight is read (`nvlm_engine.placement`), so a model that does not fit
+        fails at once with a `PlanError` that says what would fit.
 
         Args:
             path: the checkpoint folder (config.json, safetensors shards + index, tokenizer files).
-            device_map: "auto" (the GPU(s) if any, else the CPU), a device ("cpu", "cuda:1"),
-                a list of devices (decoder layers split as in the model card), or an explicit
-                {module prefix: device} map.
+            device_map: "auto" (every visible GPU, placed by free memory; the CPU without GPUs),
+                a device ("cpu", "cuda:1"), a list of devices (placed by the planner in that
+                order; a "cpu" entry offloads the layers the GPUs cannot hold, slowly), or an
+                explicit {module prefix: device} map (the model card's `split_model()` works).
             dtype: compute dtype; None/"auto" is bfloat16 on GPU and float32 on CPU.
-            max_memory: per-device memory budget ({0: "70GiB", 1: "80GiB"}) used to split layers.
+            max_memory: per-device budgets ({0: "70GiB", 1: "80GiB"}) instead of the free memory;
+                with "auto", only the GPUs listed are used, and a "cpu" entry allows offload.
             context_length: longest prompt + answer accepted; default the checkpoint's
-                `max_position_embeddings` (32,768), within which RoPE is the plain one.
+                `max_position_embeddings` (32,768), within which RoPE is the plain one. Each GPU
+                reserves KV cache and activation memory for it.
+            batch_size: sequences decoded together that memory is reserved for (larger batches
+                still run when memory allows).
+            quantization: None, "bnb-8bit", "bnb-4bit" (NF4) or "fp8": the decoder layers' linear
+                weights only (vision tower, projector, embeddings and LM head stay in `dtype`).
+                Needs CUDA; bitsandbytes for "bnb-*" (`pip install 'nvlm-langchain[quant]'`);
+                compute capability 9.0+ (H100, H200, B200) for "fp8".
             dialect: "reference" (the model card's chat(), the default) or "vllm".
             system_prompt: default system prompt; None keeps the dialect's default.
             max_tiles: tiles per image (1..12); default the checkpoint's `max_dynamic_patch`.
             allow_url_fetch: allow http(s) image URLs in messages.
             allow_pickle: allow pickled `.bin` weights (unsafe: unpickling can execute code).
             progress: called as `progress(shard_path, shard_number, shard_count)` after each shard.
+
+        Raises:
+            CheckpointError: a missing, incomplete or mismatched checkpoint. DeviceMapError: a
+            device or map that cannot be used. PlanError: the model does not fit as asked.
+            QuantizationError: a quantization this machine cannot run.
         """
+        # 1. Arguments that fail without reading anything.
+        scheme = get_scheme(quantization)
+        if scheme is not None:
+            check_runtime(scheme, [])  # CUDA (and bitsandbytes) present at all
         folder = Path(path).expanduser()
         if not folder.is_dir():
             raise CheckpointError(
@@ -167,6 +190,7 @@ class NVLMEngine:
                 "`huggingface-cli download nvidia/NVLM-D-72B --local-dir PATH`) and pass that PATH."
             )
         started = time.perf_counter()
+        # 2. Config, tokenizer, tensor headers; the model on `meta`, checked against the headers.
         config = NVLMConfig.from_folder(folder)
         tokenizer = load_tokenizer(folder)
         infos = read_tensor_infos(find_weight_files(folder, allow_pickle=allow_pickle))
@@ -179,21 +203,32 @@ class NVLMEngine:
                 f"{config.llm.max_position_embeddings} x {config.llm.rope_scaling_factor} with dynamic scaling).",
                 prompt_tokens=0, max_new_tokens=0, context_length=limit,
             )
-        devices = resolve_device_map(device_map, config, max_memory)
-        compute_dtype = resolve_dtype(dtype, devices[""])
         with torch.device("meta"):
             model = NVLMModel(config, context_length=context_length)
         check_tensors(model, infos)
+        # 3. The placement plan, from the real tensor shapes and stored dtypes.
+        placement = resolve_placement(
+            device_map, model, dtype=dtype, max_memory=max_memory, context_length=context_length,
+            batch_size=batch_size, quantization=scheme, stored_dtypes={n: i.dtype for n, i in infos.items()},
+        )
+        devices, compute_dtype = placement.device_map, placement.dtype
+        if scheme is not None:
+            check_runtime(scheme, _layer_devices(config, devices))
+        # 4. Each tensor straight to its device (quantized decoder linears via a staging copy).
         head = "language_model.lm_head.weight"
         # CPU GEMM kernels read a column-major [hidden, vocab] LM head much faster for small
         # decode batches (measured 1.2x at batch 1, 1.7x at batch 8 with a 152k vocabulary).
         column_major = frozenset({head}) if device_for(head, devices).type == "cpu" else frozenset()
-        fill_model(model, infos, device_of=lambda name: device_for(name, devices), dtype=compute_dtype,
-                   column_major=column_major, progress=progress)
+        loader = QuantizingLoader(model, scheme, lambda n: device_for(n, devices), compute_dtype) if scheme else None
+        fill_model(model, infos, device_of=loader.device_of if loader else (lambda name: device_for(name, devices)),
+                   dtype=compute_dtype, column_major=column_major, progress=_with_quantization(progress, loader))
+        if loader is not None:
+            loader.finish()
         _rebuild_rotary(model, device_for("language_model.model.rotary_emb", devices))
         model.prepare_for_inference()
-        logger.info("loaded %s in %.1fs on %s as %s", folder, time.perf_counter() - started,
-                    sorted({str(d) for d in devices.values()}), compute_dtype)
+        logger.info("loaded %s in %.1fs on %s as %s%s", folder, time.perf_counter() - started,
+                    sorted({str(d) for d in devices.values()}), compute_dtype,
+                    f" ({scheme.name} decoder linears)" if scheme else "")
         images = ImagePolicy(
             max_tiles=max_tiles or config.max_dynamic_patch,
             allow_url_fetch=allow_url_fetch,
@@ -349,6 +384,24 @@ class NVLMEngine:
                 raise PromptError(f"message {number} content must be a string or a list of parts.")
             turns.append((str(message["role"]), parts))
         return turns, sources
+
+
+def _layer_devices(config: NVLMConfig, devices: Mapping[str, torch.device]) -> set[torch.device]:
+    """The devices holding decoder layers (where quantized linears would run)."""
+    return {device_for(f"language_model.model.layers.{i}", devices) for i in range(config.llm.num_hidden_layers)}
+
+
+def _with_quantization(progress: ProgressCallback | None, loader: QuantizingLoader | None) -> ProgressCallback | None:
+    """The loader's per-shard callback: quantize the linears that shard completed, then report."""
+    if loader is None:
+        return progress
+
+    def after_shard(shard: Path, number: int, count: int) -> None:
+        loader.quantize_loaded()
+        if progress is not None:
+            progress(shard, number, count)
+
+    return after_shard
 
 
 def _rebuild_rotary(model: NVLMModel, device: torch.device) -> None:

@@ -230,7 +230,7 @@ class DecodeBatch:
             if not keep:
                 self.logits = self.step = self.valid = None
                 return deltas
-            index = torch.tensor(keep, device=self.valid.device)
+            index = torch.tensor(keep)  # a CPU index works for cache layers on every device
             self.step.cache.batch_select_indices(index)
             self.step.position_ids = self.step.position_ids[index]
             self.valid = self.valid[index]
