@@ -1,0 +1,397 @@
+"""`ChatNVLM`: NVIDIA's NVLM-D as a LangChain chat model, run in-process from its checkpoint.
+
+This module is the LangChain surface: fields, the generate / stream hooks (sync and async),
+batching, tools, structured output, tracing parameters, token counting and the profile. The
+work is done beside it: `requests.py` turns a call into an engine request, `responses.py`
+turns engine output into messages, `jobs.py` runs engine batches off the caller's thread,
+`engines.py` loads each checkpoint once per process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import warnings
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any, Literal
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.globals import get_llm_cache
+from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
+from langchain_core.language_models.model_profile import ModelProfile
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.runnables.config import get_config_list, get_executor_for_config, run_in_executor
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import ConfigDict, Field, model_validator
+
+from nvlm_engine import NVLMEngine
+from nvlm_engine.sampling import DEFAULT_MAX_NEW_TOKENS, make_options
+
+from .engines import EngineSpec, get_engine
+from .jobs import DeltaChannel, EngineJob, arun_batch, run_batch, take_ticket
+from .messages import ContentOptions
+from .requests import CallPlan, compose_call, normalize_tool_choice, plan_call
+from .responses import ResponseStream, chat_result
+from .structured import Method, structured_output
+
+__all__ = ["ChatNVLM"]
+
+logger = logging.getLogger(__name__)
+
+
+class ChatNVLM(BaseChatModel):
+    """NVLM-D (InternViT-6B + Qwen2-72B) as a chat model, on your own GPUs or CPU.
+
+    Construction is free: the checkpoint loads on the first call, once per process, and is
+    shared by every `ChatNVLM` on the same folder and placement.
+
+    Setup:
+        `pip install nvlm-langchain` (add `[pdf]` to read PDFs), then download the weights:
+        `huggingface-cli download nvidia/NVLM-D-72B --local-dir /models/NVLM-D-72B`.
+
+    Invoke, with images in any LangChain form (standard blocks, OpenAI `image_url`, Anthropic
+    `source`, data URLs, local paths), several per message, in any turn:
+        ```python
+        from langchain_core.messages import HumanMessage
+        from nvlm_langchain import ChatNVLM
+
+        llm = ChatNVLM(model="/models/NVLM-D-72B", max_tokens=512)
+        llm.invoke([HumanMessage([{"type": "image", "url": "/data/chart.png"},
+                                  {"type": "text", "text": "What is the highest bar?"}])])
+        for chunk in llm.stream("Tell me about InternViT."):
+            print(chunk.text, end="")
+        ```
+
+    Tools (Qwen2.5 / Hermes format; `tool_choice="any"` or a tool name constrains decoding so
+    the answer is a valid call) and structured output (grammar-constrained JSON):
+        ```python
+        llm.bind_tools([get_weather], tool_choice="any").invoke("Weather in Paris?").tool_calls
+        llm.with_structured_output(Invoice).invoke([HumanMessage([image_block, "Extract the invoice."])])
+        ```
+
+    Per-call options: `temperature`, `top_p`, `top_k`, `max_tokens`, `seed`,
+    `repetition_penalty`, `max_tiles`, `model` (another checkpoint folder), `stop`.
+    """
+
+    model: str = Field(description="The checkpoint folder, e.g. a download of nvidia/NVLM-D-72B.")
+
+    # --- which weights, where (these make the engine key) ---
+    device_map: str | list[str] | dict[str, Any] | None = "auto"
+    """"auto" (the GPUs if any, else the CPU), a device, a list of devices, or a module->device map."""
+    dtype: str | None = None
+    """Compute dtype; None is bfloat16 on GPU and float32 on CPU."""
+    max_memory: dict[str | int, int | str] | None = None
+    """Per-device memory budget used to split layers, e.g. {0: "70GiB", 1: "80GiB"}."""
+    context_length: int | None = None
+    """Longest prompt + answer; None is the checkpoint's (32,768 for NVLM-D)."""
+
+    # --- how requests are read ---
+    dialect: Literal["reference", "vllm"] = "reference"
+    """Prompt layout: the model card's `chat()` ("reference") or vLLM's server ("vllm")."""
+    max_tiles: int | None = None
+    """Tile budget per request, shared by its images; None is the checkpoint's rule (6 // n images)."""
+    allow_url_fetch: bool = False
+    """Fetch http(s) image URLs (size- and time-limited). Off: pass bytes, base64 or paths."""
+    images_first: bool = True
+    """Put a message's images before its text, the layout NVLM-D was trained with."""
+    pdf_dpi: float = 144.0
+    pdf_max_pages: int = 8
+
+    # --- generation ---
+    temperature: float = 0.0
+    """0 is greedy decoding, the model card's setting."""
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+    """Answer length limit; None is the model card's 1,024."""
+    stop: list[str] | None = None
+    seed: int | None = None
+    repetition_penalty: float | None = None
+    streaming: bool = False
+    """Make `invoke` stream internally (callbacks get tokens); `stream` always streams."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    # --- construction ------------------------------------------------------------------
+
+    @model_validator(mode="before")
+    @classmethod
+    def _warn_unknown_arguments(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+            unknown = sorted(k for k in values if k not in known)
+            if unknown:
+                warnings.warn(f"ChatNVLM ignores unknown argument(s) {unknown}", UserWarning, stacklevel=4)
+        return values
+
+    @model_validator(mode="after")
+    def _check_options(self) -> ChatNVLM:
+        try:  # the engine's own checks, now rather than at the first call
+            make_options(max_new_tokens=self.default_max_tokens(), temperature=self.temperature, top_p=self.top_p,
+                         top_k=self.top_k, repetition_penalty=self.repetition_penalty, seed=self.seed, stop=self.stop)
+        except Exception as e:
+            raise ValueError(str(e)) from e
+        if self.max_tiles is not None and self.max_tiles < 1:
+            raise ValueError(f"max_tiles must be >= 1, got {self.max_tiles}")
+        return self
+
+    def engine_spec(self, model: str | None = None) -> EngineSpec:
+        """The registry key of this model's weights (or of `model`, another folder, with the same placement)."""
+        return EngineSpec(path=model or self.model, device_map=self.device_map, dtype=self.dtype,
+                          max_memory=self.max_memory, context_length=self.context_length)
+
+    @property
+    def engine(self) -> NVLMEngine:
+        """The engine this model runs on (loads the checkpoint on first access)."""
+        return get_engine(self.engine_spec()).engine(self.dialect)
+
+    def content_options(self) -> ContentOptions:
+        return ContentOptions(images_first=self.images_first, pdf_dpi=self.pdf_dpi, pdf_max_pages=self.pdf_max_pages)
+
+    def default_max_tokens(self) -> int:
+        return self.max_tokens or DEFAULT_MAX_NEW_TOKENS
+
+    # --- identity, tracing, profile ------------------------------------------------------
+
+    @property
+    def _llm_type(self) -> str:
+        return "nvlm"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "dialect": self.dialect, "device_map": self.device_map, "dtype": self.dtype,
+            "context_length": self.context_length, "max_tiles": self.max_tiles, "temperature": self.temperature,
+            "top_p": self.top_p, "top_k": self.top_k, "max_tokens": self.max_tokens, "seed": self.seed,
+            "stop": self.stop, "repetition_penalty": self.repetition_penalty,
+        }
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(
+            ls_provider="nvlm",
+            ls_model_name=str(kwargs.get("model") or self.model),
+            ls_model_type="chat",
+            ls_temperature=kwargs.get("temperature", self.temperature),
+        )
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if max_tokens:
+            params["ls_max_tokens"] = max_tokens
+        if stop or self.stop:
+            params["ls_stop"] = list(stop or self.stop or [])
+        return params
+
+    def _resolve_model_profile(self) -> ModelProfile | None:
+        pdf = importlib.util.find_spec("pypdfium2") is not None
+        profile = ModelProfile(
+            name="NVLM-D", open_weights=True, text_inputs=True, image_inputs=True,
+            image_url_inputs=self.allow_url_fetch, pdf_inputs=pdf, audio_inputs=False, video_inputs=False,
+            image_tool_message=True, pdf_tool_message=pdf, text_outputs=True, image_outputs=False,
+            audio_outputs=False, video_outputs=False, reasoning_output=False, tool_calling=True, tool_choice=True,
+            tool_call_streaming=True, structured_output=True, temperature=True,
+            mid_conversation_system_messages=False,
+        )
+        context = self.context_length or _checkpoint_context_length(self.model)
+        if context:
+            profile["max_input_tokens"] = context
+        return profile
+
+    # --- generation ----------------------------------------------------------------------
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        ticket = take_ticket(self)
+        if ticket is not None:  # this invoke is one input of `batch`: its answer is being decoded
+            assert ticket.channel is not None
+            result = list(ticket.channel)[-1].result
+            plan = ticket.plan
+        else:
+            plan = plan_call(self, messages, stop, kwargs)
+            (result,) = plan.engine.run([plan.request])
+        assert result is not None
+        return chat_result(result, plan.model_name, parse_tools=plan.parse_tools)
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        # LangChain fires on_llm_new_token for every chunk yielded here; doing it too would double it.
+        ticket = take_ticket(self)
+        if ticket is not None:
+            plan, deltas = ticket.plan, iter(ticket.channel or ())
+        else:
+            plan = plan_call(self, messages, stop, kwargs)
+            deltas = plan.engine.stream_batch([plan.request])  # decoded in this thread, no hand-off
+        response = ResponseStream(plan.model_name, parse_tools=plan.parse_tools)
+        finished = False
+        try:
+            for delta in deltas:
+                if delta.result is not None:
+                    finished = True
+                    yield response.last(delta.text, delta.result)
+                elif (chunk := response.chunk(delta.text)) is not None:
+                    yield chunk
+        finally:
+            if not finished:  # the consumer stopped early: stop decoding, free the cache
+                plan.request.cancel.set()
+                close = getattr(deltas, "close", None)
+                if close is not None:
+                    close()
+
+    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        plan, channel = await self._aplan(messages, stop, kwargs)
+        result = None
+        try:
+            async with aclosing(channel.__aiter__()) as deltas:
+                async for delta in deltas:
+                    result = delta.result or result
+        finally:
+            if result is None:
+                plan.request.cancel.set()
+        assert result is not None
+        return chat_result(result, plan.model_name, parse_tools=plan.parse_tools)
+
+    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        plan, channel = await self._aplan(messages, stop, kwargs)
+        response = ResponseStream(plan.model_name, parse_tools=plan.parse_tools)
+        finished = False
+        try:
+            async with aclosing(channel.__aiter__()) as deltas:
+                async for delta in deltas:
+                    if delta.result is not None:
+                        finished = True
+                        yield response.last(delta.text, delta.result)
+                    elif (chunk := response.chunk(delta.text)) is not None:
+                        yield chunk
+        finally:
+            if not finished:  # aclose() or a cancelled task: the worker stops at the next token
+                plan.request.cancel.set()
+
+    async def _aplan(self, messages: list[BaseMessage], stop: list[str] | None,
+                     kwargs: dict[str, Any]) -> tuple[CallPlan, DeltaChannel]:
+        """The call's plan and the channel its deltas arrive on (one worker thread per request)."""
+        ticket = take_ticket(self)
+        if ticket is not None:
+            assert ticket.channel is not None
+            return ticket.plan, ticket.channel
+        # Planning reads and tiles images: off the event loop.
+        plan = await run_in_executor(None, plan_call, self, messages, stop, kwargs)
+        return plan, EngineJob(plan.engine, [plan.request]).channels[0]
+
+    # --- batching: one engine batch, each input still a full LangChain call -----------------
+
+    def batch(self, inputs: list[LanguageModelInput], config: RunnableConfig | list[RunnableConfig] | None = None,
+              *, return_exceptions: bool = False, **kwargs: Any) -> list[AIMessage | Exception]:
+        """Answers every input in one engine batch (greedy answers equal one-by-one answers)."""
+        if len(inputs) < 2 or self._cached():
+            return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
+        configs = get_config_list(config, len(inputs))
+        stop = kwargs.pop("stop", None)
+        plans = self._plan_all(inputs, stop, kwargs)
+        with get_executor_for_config(configs[0]) as executor:
+            return run_batch(self, plans, lambda i: self.invoke(inputs[i], configs[i], stop=stop, **kwargs),
+                             executor, return_exceptions)
+
+    async def abatch(self, inputs: list[LanguageModelInput],
+                     config: RunnableConfig | list[RunnableConfig] | None = None, *, return_exceptions: bool = False,
+                     **kwargs: Any) -> list[AIMessage | Exception]:
+        """The async `batch`: one engine batch, inputs awaited as tasks."""
+        if len(inputs) < 2 or self._cached():
+            return await super().abatch(inputs, config, return_exceptions=return_exceptions, **kwargs)
+        configs = get_config_list(config, len(inputs))
+        stop = kwargs.pop("stop", None)
+        plans = await run_in_executor(None, self._plan_all, inputs, stop, kwargs)
+
+        async def ainvoke(i: int) -> AIMessage:
+            return await self.ainvoke(inputs[i], configs[i], stop=stop, **kwargs)
+
+        return await arun_batch(self, plans, ainvoke, configs[0].get("max_concurrency"), return_exceptions)
+
+    def _cached(self) -> bool:
+        # With an LLM cache, inputs may be answered without the model: no batch is started for
+        # them ahead of their calls (each call then runs, or hits the cache, on its own).
+        return self.cache is not False and (self.cache is not None or get_llm_cache() is not None)
+
+    def _plan_all(self, inputs: Sequence[LanguageModelInput], stop: list[str] | None,
+                  kwargs: dict[str, Any]) -> list[CallPlan | Exception]:
+        plans: list[CallPlan | Exception] = []
+        for value in inputs:
+            try:
+                plans.append(plan_call(self, self._convert_input(value).to_messages(), stop, kwargs))
+            except Exception as e:  # noqa: BLE001 - kept for that input: its invoke raises it, with callbacks
+                plans.append(e)
+        return plans
+
+    # --- tools and structured output -----------------------------------------------------
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
+        *,
+        tool_choice: str | dict[str, Any] | bool | None = None,
+        parallel_tool_calls: bool | None = None,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Binds tools, shown to the model in the Qwen2.5 / Hermes format.
+
+        Args:
+            tools: LangChain tools, functions, pydantic classes, TypedDicts or tool dicts
+                (OpenAI or Anthropic shape).
+            tool_choice: "auto" (default: the model decides; a call it starts is kept valid by
+                the grammar), "any" / "required" (at least one call), a tool name (exactly one
+                call of that tool), or "none" (tools hidden).
+            parallel_tool_calls: allow several calls in one answer (default True).
+            strict: accepted for compatibility; calls are always grammar-checked against the schemas.
+        """
+        formatted = [convert_to_openai_tool(tool) for tool in tools]
+        if tool_choice is not None:
+            kwargs["tool_choice"] = normalize_tool_choice(tool_choice, [t["function"]["name"] for t in formatted])
+        if parallel_tool_calls is not None:
+            kwargs["parallel_tool_calls"] = parallel_tool_calls
+        return super().bind(tools=formatted, **kwargs)
+
+    def with_structured_output(  # type: ignore[override]
+        self, schema: dict[str, Any] | type | None = None, *, method: Method = "json_schema",
+        include_raw: bool = False, strict: bool | None = None, **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | Any]:
+        """A runnable whose output follows `schema`, enforced by constrained decoding.
+
+        Args:
+            schema: a pydantic class (the output is an instance), a TypedDict or a JSON schema
+                dict (the output is a dict); may be None with method="json_mode".
+            method: "json_schema" (default; JSON matching the schema), "function_calling" (a
+                forced tool call) or "json_mode" (any JSON object; say the keys in the prompt).
+            include_raw: return {"raw": AIMessage, "parsed": ..., "parsing_error": ...}.
+            strict: accepted for compatibility; the grammar always enforces the schema.
+        """
+        if kwargs:
+            raise ValueError(f"with_structured_output got unsupported arguments {sorted(kwargs)}")
+        return structured_output(self, schema, method=method, include_raw=include_raw)
+
+    # --- token counting ------------------------------------------------------------------
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
+        """Prompt tokens as the model sees them: real tokenizer, image tokens, tool schemas included."""
+        kwargs = {"tools": [convert_to_openai_tool(t) for t in tools]} if tools else {}
+        call = compose_call(self, messages, kwargs)
+        return call.engine.count_tokens(call.messages, max_tiles=call.max_tiles)
+
+    def get_token_ids(self, text: str) -> list[int]:
+        return list(self.engine.tokenizer.encode(text, add_special_tokens=False))
+
+
+def _checkpoint_context_length(folder: str) -> int | None:
+    """`max_position_embeddings` from config.json, without loading anything else."""
+    try:
+        config = json.loads((Path(folder).expanduser() / "config.json").read_text())
+        llm = config.get("llm_config") or config.get("text_config") or config
+        return int(llm["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -1,0 +1,137 @@
+"""The per-process engine registry: NVLM-D weights loaded once per checkpoint and placement.
+
+A `ChatNVLM` is cheap to build and holds no weights: it names an `EngineSpec` (checkpoint
+folder, device map, dtype, memory budget, context length), and the first call that needs the
+model loads it here, under a lock, once per process. Every `ChatNVLM` naming the same spec,
+and every copy LangChain makes of one (`bind`, `with_config`, ...), shares those weights.
+Each prompt dialect gets a light `NVLMEngine` view over the same model and tokenizer rather
+than a second copy of the weights.
+Loading different checkpoints can overlap; loading the same one twice cannot.
+
+Knows how to load engines and build their grammar compiler; knows nothing of LangChain.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nvlm_engine import NVLMEngine, PromptDialect
+
+if TYPE_CHECKING:
+    from .grammar import Grammars
+
+__all__ = ["EngineSpec", "LoadedEngine", "clear_engines", "get_engine", "loaded_specs"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What identifies loaded weights: the checkpoint folder and its placement.
+
+    The folder is resolved, so "./ckpt", "ckpt/" and a symlink to it name one engine;
+    `device_map` and `max_memory` are compared through a canonical JSON form, so equal maps
+    written in another order do too.
+    """
+
+    path: str
+    device_map: Any = field(default="auto", compare=False, hash=False)
+    dtype: str | None = None
+    max_memory: Mapping[str | int, int | str] | None = field(default=None, compare=False, hash=False)
+    context_length: int | None = None
+    placement: str = field(default="", init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.device_map is not None and not isinstance(self.device_map, (str, list, tuple, Mapping)):
+            raise ValueError(f"device_map must be a device name, a list of devices or a dict, got {self.device_map!r}")
+        object.__setattr__(self, "path", str(Path(self.path).expanduser().resolve()))
+        placement = json.dumps([self.device_map, self.max_memory], sort_keys=True, default=str)
+        object.__setattr__(self, "placement", placement)
+
+    def load(self) -> NVLMEngine:
+        device_map = list(self.device_map) if isinstance(self.device_map, tuple) else self.device_map
+        return NVLMEngine.from_pretrained(
+            self.path,
+            device_map=device_map,
+            dtype=self.dtype,
+            max_memory=dict(self.max_memory) if self.max_memory else None,
+            context_length=self.context_length,
+        )
+
+
+class LoadedEngine:
+    """Loaded weights, the engine views over them, and their grammar compiler (built on demand)."""
+
+    def __init__(self, base: NVLMEngine) -> None:
+        self.base = base
+        self._views: dict[str, NVLMEngine] = {}
+        self._grammars: Grammars | None = None
+        self._lock = threading.Lock()
+
+    def engine(self, dialect: str = "reference") -> NVLMEngine:
+        """The engine that renders prompts in `dialect` (it never fetches URLs: see `requests.py`)."""
+        key = PromptDialect(dialect).value
+        with self._lock:
+            view = self._views.get(key)
+            if view is None:
+                base = self.base
+                view = NVLMEngine(base.model, base.tokenizer, context_length=base.context_length,
+                                  dialect=key, images=base.images, name=base.name)
+                self._views[key] = view
+            return view
+
+    @property
+    def grammars(self) -> Grammars:
+        """The xgrammar compiler for this checkpoint's tokenizer (~1 s to build for 152k tokens)."""
+        with self._lock:
+            if self._grammars is None:
+                from .grammar import Grammars
+
+                base = self.base
+                self._grammars = Grammars(base.tokenizer, base.config.llm.vocab_size, [base.token_ids.end])
+            return self._grammars
+
+
+_engines: dict[EngineSpec, LoadedEngine] = {}
+_loading: dict[EngineSpec, threading.Lock] = {}
+_registry_lock = threading.Lock()
+
+
+def get_engine(spec: EngineSpec) -> LoadedEngine:
+    """The loaded weights for `spec`, loading them if this process has not yet.
+
+    Raises:
+        nvlm_engine.CheckpointError (and the loader's other errors): the folder cannot be loaded.
+    """
+    loaded = _engines.get(spec)
+    if loaded is not None:
+        return loaded
+    with _registry_lock:
+        lock = _loading.setdefault(spec, threading.Lock())
+    with lock:  # one loader per spec; the others wait here and then find it loaded
+        loaded = _engines.get(spec)
+        if loaded is None:
+            logger.info("loading NVLM-D from %s (device_map=%r, dtype=%r)", spec.path, spec.device_map, spec.dtype)
+            loaded = LoadedEngine(spec.load())
+            with _registry_lock:
+                _engines[spec] = loaded
+    return loaded
+
+
+def loaded_specs() -> list[EngineSpec]:
+    """The specs whose weights this process holds."""
+    with _registry_lock:
+        return list(_engines)
+
+
+def clear_engines() -> None:
+    """Forget every loaded engine (its memory is freed once no request holds it)."""
+    with _registry_lock:
+        _engines.clear()
+        _loading.clear()

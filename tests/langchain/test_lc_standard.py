@@ -1,0 +1,195 @@
+"""LangChain's standard chat-model suites, run on the tiny random checkpoint on CPU.
+
+Every plumbing test runs. Tests whose assertion needs a capable model (a specific answer, or
+free-text JSON strings that a random model never closes within max_tokens) are xfailed with
+that reason; the grammar-constrained paths they exercise are checked on bounded schemas in
+test_chat_model.py.
+
+The suites download a PNG and a PDF over HTTP with `httpx.get`; here those come from local
+bytes (a network boundary fake: the model still reads real image and PDF files).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+pytest.importorskip("langchain_tests")
+import httpx
+from langchain_tests.integration_tests import ChatModelIntegrationTests
+from langchain_tests.unit_tests import ChatModelUnitTests
+from lc_inputs import CHAT_PARAMS, pdf_bytes, png_bytes, random_image
+
+from nvlm_langchain import ChatNVLM
+
+# The suites' async tests carry no asyncio mark (partner packages run pytest-asyncio in auto
+# mode, which this project's pytest config does not set): mark the module, quiet the mark on
+# the sync tests.
+pytestmark = [
+    pytest.mark.asyncio,
+    pytest.mark.filterwarnings("ignore:.*marked with '@pytest.mark.asyncio' but it is not an async function"),
+]
+
+NEEDS_CAPABLE_MODEL = "needs a capable model: random weights do not produce the expected answer"
+NEEDS_CLOSED_STRINGS = (
+    "needs a capable model: with random weights the grammar keeps the JSON valid, but free-text strings are "
+    "never closed within max_tokens (bounded schemas are checked in test_chat_model.py)"
+)
+# The dict results (typeddict, json_schema) are checked for their keys only, which a valid
+# JSON prefix satisfies; the pydantic instance needs every string closed. The xfail is on that
+# parameter alone; the suite's override check wants a reasoned xfail mark on the method, which
+# this one is, with its condition off.
+SCHEMA_TYPES = [pytest.param("pydantic", marks=pytest.mark.xfail(reason=NEEDS_CLOSED_STRINGS)), "typeddict", "json_schema"]
+PYDANTIC_ONLY = pytest.mark.xfail(False, reason="only the pydantic parameter is expected to fail: " + NEEDS_CLOSED_STRINGS)
+_paths: dict[str, str] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _checkpoints(nvlm_path: str, nvlm_alias: str) -> None:
+    _paths.update(model=nvlm_path, alias=nvlm_alias)
+
+
+@pytest.fixture(autouse=True)
+def _local_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small enough to be one tile (256 image tokens) each: the suites only check the plumbing.
+    image, pdf = png_bytes(random_image(224, 160, seed=3)), pdf_bytes(random_image(100, 140, seed=4))
+
+    def get(url: str, *args: Any, **kwargs: Any) -> httpx.Response:
+        content = pdf if url.endswith(".pdf") else image
+        return httpx.Response(200, content=content, request=httpx.Request("GET", url))
+
+    monkeypatch.setattr(httpx, "get", get)
+
+
+class TestChatNVLMUnit(ChatModelUnitTests):
+    @property
+    def chat_model_class(self) -> type[ChatNVLM]:
+        return ChatNVLM
+
+    @property
+    def chat_model_params(self) -> dict[str, Any]:
+        return {"model": _paths["model"], **CHAT_PARAMS}
+
+    @property
+    def standard_chat_model_params(self) -> dict[str, Any]:
+        # A local model has no API key, HTTP timeout or retries; ChatNVLM would warn about them.
+        params = super().standard_chat_model_params
+        return {k: v for k, v in params.items() if k not in ("api_key", "timeout", "max_retries")}
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
+
+    @property
+    def supports_image_inputs(self) -> bool:
+        return True
+
+    @property
+    def supports_pdf_inputs(self) -> bool:
+        return True
+
+    @property
+    def supports_image_tool_message(self) -> bool:
+        return True
+
+    @property
+    def supports_pdf_tool_message(self) -> bool:
+        return True
+
+    @property
+    def supports_anthropic_inputs(self) -> bool:
+        return True
+
+    @property
+    def model_override_value(self) -> str:
+        return _paths["alias"]
+
+
+class TestChatNVLMIntegration(ChatModelIntegrationTests):
+    @property
+    def chat_model_class(self) -> type[ChatNVLM]:
+        return ChatNVLM
+
+    @property
+    def chat_model_params(self) -> dict[str, Any]:
+        # 48 tokens: room for a forced call with small arguments (magic_function: 40) to close.
+        return {"model": _paths["model"], "max_tokens": 48, **CHAT_PARAMS}
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
+
+    @property
+    def supports_image_inputs(self) -> bool:
+        return True
+
+    @property
+    def supports_image_urls(self) -> bool:
+        return False  # only with allow_url_fetch=True (tested against a local server elsewhere)
+
+    @property
+    def supports_pdf_inputs(self) -> bool:
+        return True
+
+    @property
+    def supports_image_tool_message(self) -> bool:
+        return True
+
+    @property
+    def supports_pdf_tool_message(self) -> bool:
+        return True
+
+    @property
+    def supports_anthropic_inputs(self) -> bool:
+        return True
+
+    @property
+    def model_override_value(self) -> str:
+        return _paths["alias"]
+
+    @pytest.mark.xfail(reason=NEEDS_CAPABLE_MODEL + " (magic_function called with input=3)")
+    @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
+    def test_tool_calling(self, model: Any) -> None:
+        super().test_tool_calling(model)
+
+    @pytest.mark.xfail(reason=NEEDS_CAPABLE_MODEL + " (magic_function called with input=3)")
+    async def test_tool_calling_async(self, model: Any) -> None:
+        await super().test_tool_calling_async(model)
+
+    @pytest.mark.xfail(reason=NEEDS_CLOSED_STRINGS)
+    def test_bind_runnables_as_tools(self, model: Any) -> None:
+        super().test_bind_runnables_as_tools(model)
+
+    @PYDANTIC_ONLY
+    @pytest.mark.parametrize("schema_type", SCHEMA_TYPES)
+    def test_structured_output(self, model: Any, schema_type: Any) -> None:
+        super().test_structured_output(model, schema_type)
+
+    @PYDANTIC_ONLY
+    @pytest.mark.parametrize("schema_type", SCHEMA_TYPES)
+    async def test_structured_output_async(self, model: Any, schema_type: Any) -> None:
+        await super().test_structured_output_async(model, schema_type)
+
+    @pytest.mark.xfail(reason=NEEDS_CLOSED_STRINGS)
+    def test_structured_output_pydantic_2_v1(self, model: Any) -> None:
+        super().test_structured_output_pydantic_2_v1(model)
+
+    @pytest.mark.xfail(reason=NEEDS_CAPABLE_MODEL + " (a JSON object with the joke's keys, asked for in words only)")
+    def test_json_mode(self, model: Any) -> None:
+        super().test_json_mode(model)
+
+    @pytest.mark.xfail(reason=NEEDS_CAPABLE_MODEL + " (a tool call chosen without tool_choice)")
+    @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
+    def test_agent_loop(self, model: Any) -> None:
+        super().test_agent_loop(model)
+
+    @pytest.mark.xfail(reason=NEEDS_CAPABLE_MODEL + " (one call: a forced call may be followed by more, and a "
+                       "random model makes a second one; parallel_tool_calls=False makes it one, see test_chat_model.py)")
+    def test_tool_calling_with_no_arguments(self, model: Any) -> None:
+        super().test_tool_calling_with_no_arguments(model)
+
+    @pytest.mark.xfail(reason=NEEDS_CAPABLE_MODEL + " (the customer name copied in Chinese and Japanese)")
+    def test_unicode_tool_call_integration(self, model: Any, *, tool_choice: str | None = None,
+                                           force_tool_call: bool = True) -> None:
+        super().test_unicode_tool_call_integration(model, tool_choice=tool_choice, force_tool_call=force_tool_call)
