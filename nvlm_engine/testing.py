@@ -82,11 +82,14 @@ def build_tiny_checkpoint(
                 shutil.copyfile(source, folder / name)
     else:
         write_tiny_tokenizer(folder)
-    vocab = _padded_vocab(len(load_tokenizer(folder)))
+    tokenizer = load_tokenizer(folder)
+    vocab = _padded_vocab(len(tokenizer))
     if config is None:
         config = tiny_config(vocab_size=vocab)
     elif config.llm.vocab_size < vocab:
         config = replace(config, llm=replace(config.llm, vocab_size=vocab))
+    # The end token id follows the tokenizer (151645 with the real one).
+    config = replace(config, llm=replace(config.llm, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>")))
 
     state = random_state_dict(config, seed=seed)
     shards = _split(list(state), state, num_shards)

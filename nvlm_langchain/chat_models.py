@@ -151,6 +151,10 @@ class ChatNVLM(BaseChatModel):
         """The engine this model runs on (loads the checkpoint on first access)."""
         return get_engine(self.engine_spec()).engine(self.dialect)
 
+    def load(self, progress: Callable[[Path, int, int], None] | None = None) -> NVLMEngine:
+        """Load the weights now instead of on first use; `progress(shard, number, count)` per shard."""
+        return get_engine(self.engine_spec(), progress).engine(self.dialect)
+
     def content_options(self) -> ContentOptions:
         return ContentOptions(images_first=self.images_first, pdf_dpi=self.pdf_dpi, pdf_max_pages=self.pdf_max_pages)
 

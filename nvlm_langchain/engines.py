@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nvlm_engine import NVLMEngine, PromptDialect
+from nvlm_engine.engine import ProgressCallback
 
 if TYPE_CHECKING:
     from .grammar import Grammars
@@ -54,7 +55,7 @@ class EngineSpec:
         placement = json.dumps([self.device_map, self.max_memory], sort_keys=True, default=str)
         object.__setattr__(self, "placement", placement)
 
-    def load(self) -> NVLMEngine:
+    def load(self, progress: ProgressCallback | None = None) -> NVLMEngine:
         device_map = list(self.device_map) if isinstance(self.device_map, tuple) else self.device_map
         return NVLMEngine.from_pretrained(
             self.path,
@@ -62,6 +63,7 @@ class EngineSpec:
             dtype=self.dtype,
             max_memory=dict(self.max_memory) if self.max_memory else None,
             context_length=self.context_length,
+            progress=progress,
         )
 
 
@@ -103,8 +105,10 @@ _loading: dict[EngineSpec, threading.Lock] = {}
 _registry_lock = threading.Lock()
 
 
-def get_engine(spec: EngineSpec) -> LoadedEngine:
+def get_engine(spec: EngineSpec, progress: ProgressCallback | None = None) -> LoadedEngine:
     """The loaded weights for `spec`, loading them if this process has not yet.
+
+    `progress(shard_path, number, count)` is called per shard when this call does the loading.
 
     Raises:
         nvlm_engine.CheckpointError (and the loader's other errors): the folder cannot be loaded.
@@ -118,7 +122,7 @@ def get_engine(spec: EngineSpec) -> LoadedEngine:
         loaded = _engines.get(spec)
         if loaded is None:
             logger.info("loading NVLM-D from %s (device_map=%r, dtype=%r)", spec.path, spec.device_map, spec.dtype)
-            loaded = LoadedEngine(spec.load())
+            loaded = LoadedEngine(spec.load(progress))
             with _registry_lock:
                 _engines[spec] = loaded
     return loaded
