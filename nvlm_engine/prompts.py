@@ -29,6 +29,7 @@ from nvlm_engine.tokenizer import IM_END, IM_START, VISION_PAD, SpecialTokens
 
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
+    "QWEN_DEFAULT_SYSTEM_PROMPT",
     "ImageSlot",
     "Prompt",
     "PromptBuilder",
@@ -39,6 +40,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_SYSTEM_PROMPT = "Answer the questions."
+# The Qwen2.5 chat template's own default, what vLLM's server sends when a request has no system message.
+QWEN_DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 _ROLES = ("system", "user", "assistant")
 

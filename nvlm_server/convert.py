@@ -76,13 +76,11 @@ def to_engine_messages(messages: list[Message], policy: ImagePolicy) -> list[dic
                 else:
                     parts.append({"type": "text", "text": part.text})
         if role == "assistant" and message.tool_calls:
-            for call in message.tool_calls:
-                try:
-                    arguments = json.loads(call.function.arguments or "{}")
-                except json.JSONDecodeError:
-                    arguments = call.function.arguments
-                body = json.dumps({"name": call.function.name, "arguments": arguments}, ensure_ascii=False)
-                parts.append({"type": "text", "text": f"\n<tool_call>\n{body}\n</tool_call>"})
+            from nvlm_langchain.tool_calls import render_tool_calls
+
+            content = "".join(p["text"] for p in parts if p["type"] == "text")
+            calls = [{"name": c.function.name, "args": _arguments(c.function.arguments)} for c in message.tool_calls]
+            parts = [{"type": "text", "text": render_tool_calls(content, calls)}]
         if not parts:
             parts.append({"type": "text", "text": ""})
         out.append({"role": role, "content": parts})
@@ -115,6 +113,16 @@ def resolve_image(url: str, policy: ImagePolicy) -> bytes | Any:
         return load_image(url, allow_url_fetch=True, max_bytes=policy.max_image_bytes, fetch_timeout_s=policy.fetch_timeout_s)
     raise RequestRejected("image_url must be a data URL (or an http(s) URL where the operator allows it); "
                           "local paths and other schemes are refused", code="invalid_image_url")
+
+
+def _arguments(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError as e:
+        raise RequestRejected(f"a tool call's arguments are not JSON: {e}", param="messages") from e
+    if not isinstance(value, dict):
+        raise RequestRejected("a tool call's arguments must be a JSON object", param="messages")
+    return value
 
 
 def _text_of(message: Message) -> str:

@@ -1,23 +1,93 @@
 """Per-request behaviour beyond plain text: tools, tool_choice and response_format.
 
 `plan_features()` reads those fields once and returns a `RequestFeatures` that knows how to
-change the prompt, which decoding constraint to apply, and how to turn the model's text into
-an OpenAI message (plain content, or `tool_calls`), whole or streamed.
+change the prompt (the Qwen2.5 / Hermes tools block in the system turn), which grammar
+constraint to decode under (the same xgrammar machinery as ChatNVLM: forced and required
+calls are always valid calls, `json_schema` output always validates), and how to turn the
+model's text into an OpenAI message (`content` and `tool_calls`), whole or streamed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from nvlm_engine import NVLMEngine, TokenConstraint
+from nvlm_engine.prompts import DEFAULT_SYSTEM_PROMPT, QWEN_DEFAULT_SYSTEM_PROMPT, PromptDialect
 
 from .convert import RequestRejected
 from .schemas import ChatCompletionRequest
 
+_grammars_lock = threading.Lock()
+_grammars: dict[int, Any] = {}
+
+
+def grammars_for(engine: NVLMEngine) -> Any:
+    """The engine's xgrammar compiler, built once (about a second for a 152k vocabulary)."""
+    with _grammars_lock:
+        grammars = _grammars.get(id(engine))
+        if grammars is None:
+            from nvlm_langchain.grammar import Grammars
+
+            grammars = Grammars(engine.tokenizer, engine.config.llm.vocab_size, [engine.token_ids.end])
+            _grammars[id(engine)] = grammars
+        return grammars
+
+
+@dataclass
+class RequestFeatures:
+    """What a request asks for beyond plain chat.
+
+    Attributes:
+        tools: the bound tools (nvlm_langchain `ToolSpec`s) shown to the model, if any.
+        make_constraint: builds a fresh grammar constraint for one decode (None: free text).
+        system_default: the system text used when the request has none.
+    """
+
+    tools: list[Any] = field(default_factory=list)
+    make_constraint: Callable[[], TokenConstraint] | None = None
+    system_default: str = DEFAULT_SYSTEM_PROMPT
+
+    def messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Put the tools block into the system turn (after the request's own system text)."""
+        if not self.tools:
+            return messages
+        from nvlm_langchain.tool_calls import tools_system_text
+
+        if messages and messages[0]["role"] == "system":
+            system = "".join(p["text"] for p in messages[0]["content"] if p["type"] == "text")
+            rest = messages[1:]
+        else:
+            system, rest = self.system_default, messages
+        return [{"role": "system", "content": tools_system_text(system, self.tools)}, *rest]
+
+    def constraint(self) -> TokenConstraint | None:
+        return self.make_constraint() if self.make_constraint is not None else None
+
+    def message(self, text: str, engine_reason: str) -> tuple[dict[str, Any], str]:
+        """The OpenAI assistant message for a whole answer, and its finish reason."""
+        if not self.tools:
+            return {"role": "assistant", "content": text}, _openai_reason(engine_reason)
+        from nvlm_langchain.tool_calls import parse_tool_calls
+
+        parsed = parse_tool_calls(text)
+        content = "\n".join([parsed.content, *(c.raw for c in parsed.invalid)]).strip()
+        calls = [_openai_call(c.id, c.name, c.args) for c in parsed.valid]
+        message: dict[str, Any] = {"role": "assistant", "content": content or None}
+        if calls:
+            message["tool_calls"] = calls
+            return message, "tool_calls"
+        return message, _openai_reason(engine_reason)
+
+    def stream_translator(self) -> _PlainStream | _ToolStream:
+        return _ToolStream() if self.tools else _PlainStream()
+
 
 class _PlainStream:
-    """Streams text deltas as OpenAI `content` deltas."""
+    """Text deltas -> OpenAI `content` deltas."""
 
     def push(self, piece: str) -> list[dict[str, Any]]:
         return [{"content": piece}] if piece else []
@@ -29,28 +99,123 @@ class _PlainStream:
         return _openai_reason(engine_reason)
 
 
-@dataclass
-class RequestFeatures:
-    """What a request asks for beyond plain chat."""
+class _ToolStream:
+    """Text deltas -> `content` and `tool_calls` deltas, as the OpenAI stream format has them."""
 
-    def messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return messages
+    def __init__(self) -> None:
+        from nvlm_langchain.tool_calls import ToolCallParser
 
-    def constraint(self) -> TokenConstraint | None:
-        return None
+        self._parser = ToolCallParser()
+        self._calls = 0
+        self._index: dict[int, int] = {}
 
-    def message(self, text: str, engine_reason: str) -> tuple[dict[str, Any], str]:
-        return {"role": "assistant", "content": text}, _openai_reason(engine_reason)
+    def push(self, piece: str) -> list[dict[str, Any]]:
+        return self._translate(self._parser.feed(piece))
 
-    def stream_translator(self) -> _PlainStream:
-        return _PlainStream()
+    def finish(self) -> list[dict[str, Any]]:
+        return self._translate(self._parser.finish())
+
+    def finish_reason(self, engine_reason: str) -> str:
+        return "tool_calls" if self._calls else _openai_reason(engine_reason)
+
+    def _translate(self, events: list[Any]) -> list[dict[str, Any]]:
+        from nvlm_langchain.tool_calls import CallFinished, CallStarted, TextDelta
+
+        deltas: list[dict[str, Any]] = []
+        for event in events:
+            if isinstance(event, TextDelta):
+                deltas.append({"content": event.text})
+            elif isinstance(event, CallStarted):
+                index = self._slot(event.index)
+                deltas.append({"tool_calls": [{"index": index, "id": event.id, "type": "function",
+                                               "function": {"name": event.name, "arguments": ""}}]})
+            elif isinstance(event, CallFinished) and event.valid:
+                index = self._slot(event.index)
+                arguments = json.dumps(event.args, ensure_ascii=False)
+                call: dict[str, Any] = {"index": index, "function": {"arguments": arguments}}
+                if not event.announced:
+                    call.update(id=event.id, type="function", function={"name": event.name, "arguments": arguments})
+                deltas.append({"tool_calls": [call]})
+            elif isinstance(event, CallFinished):
+                deltas.append({"content": event.raw})  # an invalid call stays visible as text
+        return deltas
+
+    def _slot(self, parser_index: int) -> int:
+        if parser_index not in self._index:
+            self._index[parser_index] = self._calls
+            self._calls += 1
+        return self._index[parser_index]
 
 
 def plan_features(req: ChatCompletionRequest, engine: NVLMEngine) -> RequestFeatures:
     """Check tools / tool_choice / response_format and build the request's features."""
-    if req.tools or (req.response_format and req.response_format.type != "text"):
-        raise RequestRejected("tools and response_format are not supported by this server build", code="unsupported")
-    return RequestFeatures()
+    system_default = QWEN_DEFAULT_SYSTEM_PROMPT if engine.prompts.dialect == PromptDialect.VLLM else DEFAULT_SYSTEM_PROMPT
+    answer_schema = _answer_schema(req)
+    choice = _tool_choice(req)
+    tools = _tools(req) if choice != "none" else []
+    if not tools and answer_schema is None:
+        return RequestFeatures(system_default=system_default)
+    grammars = grammars_for(engine)
+    try:
+        if not tools:
+            compiled = grammars.json_schema(answer_schema)
+        elif choice in ("auto", "required"):
+            compiled = grammars.tool_calls(tools, choice, answer_schema=answer_schema if choice == "auto" else None)
+        else:
+            (tool,) = [t for t in tools if t.name == choice]
+            compiled = grammars.tool_calls([tool], "forced")
+    except ValueError as e:
+        raise RequestRejected(f"cannot use the given schema: {e}", code="invalid_schema") from e
+    return RequestFeatures(tools=tools, make_constraint=lambda: grammars.constraint(compiled),
+                           system_default=system_default)
+
+
+def _tools(req: ChatCompletionRequest) -> list[Any]:
+    if not req.tools:
+        return []
+    from nvlm_langchain.tool_calls import ToolSpec
+
+    specs = [ToolSpec.from_openai(tool.model_dump(exclude_none=True)) for tool in req.tools]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise RequestRejected("tool names must be unique", param="tools")
+    return specs
+
+
+def _tool_choice(req: ChatCompletionRequest) -> str:
+    """"none", "auto", "required" or the name of the one tool that must be called."""
+    choice = req.tool_choice
+    if choice is None:
+        return "auto" if req.tools else "none"
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise RequestRejected(f"tool_choice {choice!r} must be 'none', 'auto', 'required' or a function",
+                                  param="tool_choice")
+        if choice != "none" and not req.tools:
+            raise RequestRejected(f"tool_choice {choice!r} needs tools", param="tool_choice")
+        return choice
+    name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+    if not name or name not in [t.function.name for t in req.tools or []]:
+        raise RequestRejected(f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
+    return str(name)
+
+
+def _answer_schema(req: ChatCompletionRequest) -> dict[str, Any] | None:
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"type": "object"}
+    schema = (fmt.json_schema or {}).get("schema")
+    if not isinstance(schema, dict):
+        raise RequestRejected("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}",
+                              param="response_format")
+    return schema
+
+
+def _openai_call(call_id: str, name: str | None, args: dict[str, Any] | None) -> dict[str, Any]:
+    return {"id": call_id, "type": "function",
+            "function": {"name": name, "arguments": json.dumps(args or {}, ensure_ascii=False)}}
 
 
 def _openai_reason(engine_reason: str) -> str:

@@ -168,3 +168,91 @@ def test_api_key_is_required_when_set(tiny_engine) -> None:
         assert httpx.get(url + "/health").status_code == 200
         metrics = httpx.get(url + "/metrics", headers={"Authorization": "Bearer s3cret"})
         assert 'nvlm_requests_total{status="200"}' in metrics.text
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather forecast for a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}, "metric": {"type": "boolean"}},
+            "required": ["city", "metric"],
+            "additionalProperties": False,
+        },
+    },
+}
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}, "sure": {"type": "boolean"}},
+    "required": ["answer", "sure"],
+    "additionalProperties": False,
+}
+
+
+def test_openai_client_forced_tool_call_and_json_schema(server_url) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server_url + "/v1", api_key="unused")
+    messages = [{"role": "user", "content": "What's the weather in Paris?"}]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        reply = client.chat.completions.create(model="nvlm-tiny", messages=messages, tools=[WEATHER_TOOL],
+                                               tool_choice=choice, max_tokens=60)
+        calls = reply.choices[0].message.tool_calls
+        assert reply.choices[0].finish_reason == "tool_calls"
+        assert calls and all(c.function.name == "get_weather" for c in calls)
+        args = json.loads(calls[0].function.arguments)
+        assert args["city"] in ("Paris", "Rome") and isinstance(args["metric"], bool)
+    # the call's result fed back as a tool message is accepted
+    follow = client.chat.completions.create(
+        model="nvlm-tiny", max_tokens=4,
+        messages=[*messages, reply.choices[0].message.model_dump(exclude_none=True),
+                  {"role": "tool", "tool_call_id": calls[0].id, "content": "18 C, sunny"}])
+    assert follow.choices[0].message.role == "assistant"
+    structured = client.chat.completions.create(
+        model="nvlm-tiny", messages=[{"role": "user", "content": "Is it raining?"}], max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA}})
+    body = json.loads(structured.choices[0].message.content)
+    assert body["answer"] in ("yes", "no") and isinstance(body["sure"], bool)
+
+
+def test_streamed_tool_call_deltas(server_url) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server_url + "/v1", api_key="unused")
+    stream = client.chat.completions.create(model="nvlm-tiny", messages=[{"role": "user", "content": "Weather?"}],
+                                            tools=[WEATHER_TOOL], tool_choice="required", max_tokens=60, stream=True)
+    chunks = [c for c in stream if c.choices]
+    deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert deltas[0].function.name == "get_weather" and deltas[0].id
+    arguments = "".join(d.function.arguments or "" for d in deltas if d.index == 0)
+    assert json.loads(arguments)["city"] in ("Paris", "Rome")
+
+
+def test_chat_openai_tools_and_structured_output(server_url) -> None:
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=server_url + "/v1", api_key="unused", model="nvlm-tiny", max_tokens=60, temperature=0)
+    message = llm.bind_tools([WEATHER_TOOL], tool_choice="any").invoke("Weather in Rome?")
+    assert message.tool_calls and message.tool_calls[0]["name"] == "get_weather"
+    assert message.tool_calls[0]["args"]["city"] in ("Paris", "Rome")
+    result = llm.with_structured_output(ANSWER_SCHEMA | {"title": "answer"}, method="json_schema").invoke("Raining?")
+    assert result["answer"] in ("yes", "no") and isinstance(result["sure"], bool)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+        {"tool_choice": "required"},
+        {"tools": [WEATHER_TOOL], "tool_choice": "sometimes"},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+    ],
+)
+def test_bad_tool_requests_are_400(server_url, extra: dict) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **extra}
+    response = httpx.post(server_url + "/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["message"]
