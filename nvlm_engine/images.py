@@ -120,7 +120,7 @@ def load_image(
         )
     if isinstance(source, Image.Image):
         return _finish(source, "PIL image", max_pixels)
-    data, label = _read_source(
+    data, label = read_source(
         source, allow_url_fetch=allow_url_fetch, max_bytes=max_bytes, fetch_timeout_s=fetch_timeout_s
     )
     return _decode(data, label, max_pixels)
@@ -172,10 +172,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
 # --- reading the source ------------------------------------------------------------------
 
 
-def _read_source(
+def read_source(
     source: object, *, allow_url_fetch: bool, max_bytes: int, fetch_timeout_s: float
 ) -> tuple[bytes, str]:
-    """Return (encoded bytes, label naming the source for messages)."""
+    """The encoded bytes of an image source (path, bytes, base64, data or http(s) URL) and a label naming it.
+
+    The same source rules, limits and URL policy as `load_image`, without decoding: for callers
+    that must look at the bytes first (a PDF, say).
+    """
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         label = f"bytes ({len(data)} bytes)"

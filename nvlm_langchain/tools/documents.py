@@ -22,7 +22,7 @@ from PIL import Image
 
 from nvlm_engine import ImageError, load_image
 from nvlm_engine.images import DEFAULT_MAX_PIXELS, ImageSource
-from nvlm_engine.images import _read_source as read_image_source  # same limits, SSRF policy and messages
+from nvlm_engine.images import read_source as read_image_source  # same limits, SSRF policy and messages
 
 from .errors import DocumentInputError
 
