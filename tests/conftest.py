@@ -6,9 +6,7 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-REAL_72B = SHARED / "nvlm-d-72b"
-TESTDATA_IMAGES = SHARED / "testdata" / "images"
+from shared_paths import REAL_72B, SHARED, TESTDATA_IMAGES, TOKEN_SCALE  # noqa: F401 (re-exported)
 
 
 def require_real_72b() -> Path:

@@ -32,7 +32,7 @@ from nvlm_engine.errors import (
 from nvlm_engine.images import load_image, to_rgb
 from nvlm_engine.tiling import TiledImage, choose_grid, preprocess_image
 
-TESTDATA_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "images"
+from shared_paths import TESTDATA_IMAGES
 
 
 # --- helpers -----------------------------------------------------------------------------

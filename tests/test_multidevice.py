@@ -26,7 +26,7 @@ from nvlm_engine.placement import DeviceSpec, Footprint, plan_placement
 from nvlm_engine.testing import build_tiny_checkpoint, tiny_config
 
 CPU = torch.device("cpu")
-REAL_72B = Path(__file__).resolve().parents[2] / "shared" / "nvlm-d-72b"  # its tokenizer, where present
+from shared_paths import REAL_72B  # its tokenizer, where present
 _INDEXING = {torch.Tensor.__getitem__, torch.Tensor.__setitem__}
 
 

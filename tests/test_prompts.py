@@ -22,7 +22,7 @@ from nvlm_engine.prompts import (
 )
 from nvlm_engine.tokenizer import load_tokenizer, write_tiny_tokenizer
 
-REAL_72B = Path(__file__).resolve().parents[1].parent / "shared" / "nvlm-d-72b"
+from shared_paths import REAL_72B
 SKIP_REAL = f"the real NVLM-D-72B tokenizer files are not at {REAL_72B} (they sit beside the project in CI)"
 
 PAD = "<|vision_pad|>"

@@ -21,6 +21,7 @@ from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import tool
 from lc_inputs import CHAT_PARAMS, b64, pdf_bytes, png_bytes, random_image
+from shared_paths import TOKEN_SCALE
 from pydantic import BaseModel, Field, TypeAdapter
 from typing_extensions import TypedDict
 
@@ -302,7 +303,7 @@ def add(a: Annotated[int, Field(ge=0, le=99)], b: Annotated[int, Field(ge=0, le=
 
 
 def test_forced_tool_calls_are_valid_calls_of_the_bound_tools(chat) -> None:
-    llm = chat.model_copy(update={"max_tokens": 40})
+    llm = chat.model_copy(update={"max_tokens": 40 * TOKEN_SCALE})
     for choice, allowed in (("any", {"get_weather", "add"}), ("add", {"add"}), ("get_weather", {"get_weather"})):
         # One call: a random model, free to add calls, goes on until max_tokens cuts one short.
         bound = llm.bind_tools([get_weather, add], tool_choice=choice, parallel_tool_calls=False)
@@ -322,10 +323,10 @@ def test_tool_results_are_fed_back_and_a_truncated_call_is_invalid_not_an_error(
     call = {"name": "get_weather", "args": {"city": "Paris"}, "id": "call_9", "type": "tool_call"}
     history = [HumanMessage("Weather in Paris?"), AIMessage("", tool_calls=[call]),
                ToolMessage("22 degrees C and sunny in Paris", tool_call_id="call_9")]
-    truncated = chat.bind_tools([get_weather], tool_choice="get_weather").invoke(history, max_tokens=10)
+    truncated = chat.bind_tools([get_weather], tool_choice="get_weather").invoke(history, max_tokens=10 * TOKEN_SCALE)
     assert not truncated.tool_calls and len(truncated.invalid_tool_calls) == 1
     assert truncated.invalid_tool_calls[0]["name"] == "get_weather"
-    streamed = list(chat.bind_tools([get_weather], tool_choice="get_weather").stream(history, max_tokens=10))
+    streamed = list(chat.bind_tools([get_weather], tool_choice="get_weather").stream(history, max_tokens=10 * TOKEN_SCALE))
     assert len(sum(streamed[1:], streamed[0]).invalid_tool_calls) == 1
 
 
@@ -348,7 +349,7 @@ class TicketDict(TypedDict):
 
 @pytest.mark.parametrize("schema", [Ticket, TicketDict, Ticket.model_json_schema()], ids=["pydantic", "typeddict", "dict"])
 def test_json_schema_output_validates_on_random_weights(chat, schema: Any) -> None:
-    structured = chat.model_copy(update={"max_tokens": 80}).with_structured_output(schema, include_raw=True)
+    structured = chat.model_copy(update={"max_tokens": 80 * TOKEN_SCALE}).with_structured_output(schema, include_raw=True)
     out = structured.invoke("File a ticket about the broken login button.")
     assert out["parsing_error"] is None
     parsed = out["parsed"]
@@ -360,7 +361,7 @@ def test_json_schema_output_validates_on_random_weights(chat, schema: Any) -> No
 
 
 def test_function_calling_and_json_mode_methods(chat) -> None:
-    llm = chat.model_copy(update={"max_tokens": 80})
+    llm = chat.model_copy(update={"max_tokens": 80 * TOKEN_SCALE})
     ticket = llm.with_structured_output(Ticket, method="function_calling").invoke("File a ticket.")
     assert isinstance(ticket, Ticket)
     anything = llm.with_structured_output(None, method="json_mode").invoke("Reply in JSON.")
@@ -370,7 +371,7 @@ def test_function_calling_and_json_mode_methods(chat) -> None:
 def test_tools_with_a_response_format_answer_with_calls_or_schema_json(chat) -> None:
     # What create_agent binds for a model whose profile claims structured output.
     format_ = {"type": "json_schema", "json_schema": {"name": "Ticket", "schema": Ticket.model_json_schema()}}
-    message = chat.bind_tools([get_weather], response_format=format_).invoke("Weather?", max_tokens=80)
+    message = chat.bind_tools([get_weather], response_format=format_).invoke("Weather?", max_tokens=80 * TOKEN_SCALE)
     if message.tool_calls:
         get_weather.args_schema.model_validate(message.tool_calls[0]["args"])
     else:
@@ -390,7 +391,7 @@ def test_agent_runs_a_tool_and_returns(chat) -> None:
         return handler(request.override(tool_choice="none" if answered else "any",
                                         model_settings={"parallel_tool_calls": False}))
 
-    llm = chat.model_copy(update={"max_tokens": 40})
+    llm = chat.model_copy(update={"max_tokens": 40 * TOKEN_SCALE})
     agent = create_agent(llm, tools=[get_weather], middleware=[first_step_calls_a_tool])
     state = agent.invoke({"messages": [HumanMessage("What's the weather in Lima?")]})
     kinds = [type(m).__name__ for m in state["messages"]]

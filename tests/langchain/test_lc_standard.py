@@ -20,6 +20,7 @@ import httpx
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 from lc_inputs import CHAT_PARAMS, pdf_bytes, png_bytes, random_image
+from shared_paths import HAS_REAL_TOKENIZER, TOKEN_SCALE
 
 from nvlm_langchain import ChatNVLM
 
@@ -114,7 +115,7 @@ class TestChatNVLMIntegration(ChatModelIntegrationTests):
     @property
     def chat_model_params(self) -> dict[str, Any]:
         # 48 tokens: room for a forced call with small arguments (magic_function: 40) to close.
-        return {"model": _paths["model"], "max_tokens": 48, **CHAT_PARAMS}
+        return {"model": _paths["model"], "max_tokens": 48 * TOKEN_SCALE, **CHAT_PARAMS}
 
     @property
     def supports_json_mode(self) -> bool:
@@ -156,6 +157,12 @@ class TestChatNVLMIntegration(ChatModelIntegrationTests):
     @pytest.mark.xfail(reason=NEEDS_CAPABLE_MODEL + " (magic_function called with input=3)")
     async def test_tool_calling_async(self, model: Any) -> None:
         await super().test_tool_calling_async(model)
+
+    @pytest.mark.xfail(not HAS_REAL_TOKENIZER, reason=NEEDS_CLOSED_STRINGS + "; with the real tokenizer the "
+                       "seeded tiny model happens to pick the integer-argument tool, with the demo tokenizer it "
+                       "picks get_weather(location: str) and never closes the string")
+    def test_tool_choice(self, model: Any) -> None:
+        super().test_tool_choice(model)
 
     @pytest.mark.xfail(reason=NEEDS_CLOSED_STRINGS)
     def test_bind_runnables_as_tools(self, model: Any) -> None:

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from nvlm_server import ImagePolicy, ServerSettings
+from shared_paths import TOKEN_SCALE
 
 from .conftest import running_server
 
@@ -198,7 +199,7 @@ def test_openai_client_forced_tool_call_and_json_schema(server_url) -> None:
     messages = [{"role": "user", "content": "What's the weather in Paris?"}]
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
         reply = client.chat.completions.create(model="nvlm-tiny", messages=messages, tools=[WEATHER_TOOL],
-                                               tool_choice=choice, max_tokens=60)
+                                               tool_choice=choice, max_tokens=60 * TOKEN_SCALE)
         calls = reply.choices[0].message.tool_calls
         assert reply.choices[0].finish_reason == "tool_calls"
         assert calls and all(c.function.name == "get_weather" for c in calls)
@@ -211,7 +212,7 @@ def test_openai_client_forced_tool_call_and_json_schema(server_url) -> None:
                   {"role": "tool", "tool_call_id": calls[0].id, "content": "18 C, sunny"}])
     assert follow.choices[0].message.role == "assistant"
     structured = client.chat.completions.create(
-        model="nvlm-tiny", messages=[{"role": "user", "content": "Is it raining?"}], max_tokens=40,
+        model="nvlm-tiny", messages=[{"role": "user", "content": "Is it raining?"}], max_tokens=40 * TOKEN_SCALE,
         response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA}})
     body = json.loads(structured.choices[0].message.content)
     assert body["answer"] in ("yes", "no") and isinstance(body["sure"], bool)
@@ -222,7 +223,7 @@ def test_streamed_tool_call_deltas(server_url) -> None:
 
     client = OpenAI(base_url=server_url + "/v1", api_key="unused")
     stream = client.chat.completions.create(model="nvlm-tiny", messages=[{"role": "user", "content": "Weather?"}],
-                                            tools=[WEATHER_TOOL], tool_choice="required", max_tokens=60, stream=True)
+                                            tools=[WEATHER_TOOL], tool_choice="required", max_tokens=60 * TOKEN_SCALE, stream=True)
     chunks = [c for c in stream if c.choices]
     deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
@@ -234,7 +235,7 @@ def test_streamed_tool_call_deltas(server_url) -> None:
 def test_chat_openai_tools_and_structured_output(server_url) -> None:
     from langchain_openai import ChatOpenAI
 
-    llm = ChatOpenAI(base_url=server_url + "/v1", api_key="unused", model="nvlm-tiny", max_tokens=60, temperature=0)
+    llm = ChatOpenAI(base_url=server_url + "/v1", api_key="unused", model="nvlm-tiny", max_tokens=60 * TOKEN_SCALE, temperature=0)
     message = llm.bind_tools([WEATHER_TOOL], tool_choice="any").invoke("Weather in Rome?")
     assert message.tool_calls and message.tool_calls[0]["name"] == "get_weather"
     assert message.tool_calls[0]["args"]["city"] in ("Paris", "Rome")
