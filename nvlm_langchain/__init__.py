@@ -4,6 +4,7 @@
     llm = ChatNVLM(model="/models/NVLM-D-72B")        # loads on first use, once per process
     llm.invoke([HumanMessage([{"type": "image", "url": "file:///tmp/invoice.png"},
                               {"type": "text", "text": "What is the total?"}])])
+    remote = ChatNVLM(base_url="http://gpu-host:8000/v1", model="nvidia/NVLM-D-72B")  # nvlm-serve or vLLM
 
 `ChatNVLM` is imported on first access, so `nvlm_langchain.tools` and friends do not pay for
 LangChain's chat-model machinery.
@@ -16,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .chat_models import ChatNVLM
     from .engines import EngineSpec, clear_engines
+    from .remote import RemoteError, ServerConnectionError, ServerError
 
-__all__ = ["ChatNVLM", "EngineSpec", "clear_engines"]
+__all__ = ["ChatNVLM", "EngineSpec", "RemoteError", "ServerConnectionError", "ServerError", "clear_engines"]
 
 
 def __getattr__(name: str) -> Any:
@@ -29,4 +31,8 @@ def __getattr__(name: str) -> Any:
         from . import engines
 
         return getattr(engines, name)
+    if name in ("RemoteError", "ServerConnectionError", "ServerError"):
+        from . import remote
+
+        return getattr(remote, name)
     raise AttributeError(f"module 'nvlm_langchain' has no attribute {name!r}")

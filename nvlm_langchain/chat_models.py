@@ -1,10 +1,12 @@
-"""`ChatNVLM`: NVIDIA's NVLM-D as a LangChain chat model, run in-process from its checkpoint.
+"""`ChatNVLM`: NVIDIA's NVLM-D as a LangChain chat model, run in-process from its checkpoint
+or, with `base_url`, on an OpenAI-compatible server (nvlm-serve, or vLLM serving NVLM-D).
 
 This module is the LangChain surface: fields, the generate / stream hooks (sync and async),
 batching, tools, structured output, tracing parameters, token counting and the profile. The
 work is done beside it: `requests.py` turns a call into an engine request, `responses.py`
 turns engine output into messages, `jobs.py` runs engine batches off the caller's thread,
-`engines.py` loads each checkpoint once per process.
+`engines.py` loads each checkpoint once per process; `remote.py` does a call on a server
+instead, when `base_url` is set.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import aclosing
@@ -23,16 +26,19 @@ from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.language_models.model_profile import ModelProfile
 from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.messages.utils import count_tokens_approximately
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import get_config_list, get_executor_for_config, run_in_executor
 from langchain_core.tools import BaseTool
+from langchain_core.utils import secret_from_env
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, SecretStr, model_validator
 
 from nvlm_engine import NVLMEngine
 from nvlm_engine.sampling import DEFAULT_MAX_NEW_TOKENS, make_options
 
+from . import remote
 from .engines import EngineSpec, get_engine
 from .jobs import DeltaChannel, EngineJob, arun_batch, run_batch, take_ticket
 from .messages import ContentOptions
@@ -77,9 +83,31 @@ class ChatNVLM(BaseChatModel):
 
     Per-call options: `temperature`, `top_p`, `top_k`, `max_tokens`, `seed`,
     `repetition_penalty`, `max_tiles`, `model` (another checkpoint folder), `stop`.
+
+    Remote (`pip install 'nvlm-langchain[remote]'`): with `base_url`, calls go to an
+    OpenAI-compatible server, nvlm-serve or vLLM serving NVLM-D, and `model` is the served
+    model name. The same calls work (images, streaming with usage, batch, tools, structured
+    output, where the server supports them); images are sent as data URLs, and vLLM's NVLM-D
+    quirks are handled (`top_p` always sent, the model card's system prompt by default):
+        ```python
+        llm = ChatNVLM(base_url="http://gpu-host:8000/v1", model="nvidia/NVLM-D-72B")  # key: NVLM_API_KEY
+        ```
     """
 
-    model: str = Field(description="The checkpoint folder, e.g. a download of nvidia/NVLM-D-72B.")
+    model: str = Field(description="The checkpoint folder (e.g. a download of nvidia/NVLM-D-72B), or with "
+                                   "base_url the model name the server serves.")
+
+    # --- remote: an OpenAI-compatible server instead of local weights ---
+    base_url: str | None = None
+    """The server's OpenAI API root, e.g. "http://gpu-host:8000/v1" (nvlm-serve, or vLLM serving NVLM-D).
+    Set, calls go there (see `remote.py`) and the placement fields below do not apply."""
+    api_key: SecretStr | None = Field(default_factory=secret_from_env("NVLM_API_KEY", default=None))
+    """The server's bearer token; default from the NVLM_API_KEY environment variable (never OPENAI_API_KEY)."""
+    timeout: float | None = None
+    """Seconds to wait for the server: to connect, and for each read of its answer (a whole answer
+    when not streaming); None is the openai client's default (10 minutes)."""
+    max_retries: int = 2
+    """Retries of connection errors, timeouts, 429 and 5xx answers, with backoff (the openai client's)."""
 
     # --- which weights, where (these make the engine key) ---
     device_map: str | list[str] | dict[str, Any] | None = "auto"
@@ -131,6 +159,18 @@ class ChatNVLM(BaseChatModel):
         return values
 
     @model_validator(mode="after")
+    def _warn_fields_of_the_other_mode(self) -> ChatNVLM:
+        # Explicitly set fields only: a default (or the API key from the environment) says nothing.
+        other = _REMOTE_ONLY if self.base_url is None else _LOCAL_ONLY
+        ignored = sorted(self.model_fields_set & other)
+        if ignored:
+            mode = "without base_url (a local model)" if self.base_url is None else "with base_url (a remote model)"
+            warnings.warn(f"ChatNVLM ignores {ignored} {mode}", UserWarning, stacklevel=4)
+        if self.base_url is not None and not self.base_url.lower().startswith(("http://", "https://")):
+            raise ValueError(f"base_url must be an http(s) URL like http://host:8000/v1, got {self.base_url!r}")
+        return self
+
+    @model_validator(mode="after")
     def _check_options(self) -> ChatNVLM:
         try:  # the engine's own checks, now rather than at the first call
             make_options(max_new_tokens=self.default_max_tokens(), temperature=self.temperature, top_p=self.top_p,
@@ -148,12 +188,25 @@ class ChatNVLM(BaseChatModel):
 
     @property
     def engine(self) -> NVLMEngine:
-        """The engine this model runs on (loads the checkpoint on first access)."""
+        """The engine this model runs on (loads the checkpoint on first access).
+
+        Raises:
+            remote.RemoteError: a remote model (`base_url` set) has no local engine.
+        """
+        self._require_local("engine")
         return get_engine(self.engine_spec()).engine(self.dialect)
 
     def load(self, progress: Callable[[Path, int, int], None] | None = None) -> NVLMEngine:
         """Load the weights now instead of on first use; `progress(shard, number, count)` per shard."""
+        self._require_local("load()")
         return get_engine(self.engine_spec(), progress).engine(self.dialect)
+
+    def _require_local(self, what: str) -> None:
+        if self.base_url is not None:
+            raise remote.RemoteError(
+                f"{what} needs local weights; this ChatNVLM answers through {self.base_url} (base_url). "
+                "Build ChatNVLM(model=<checkpoint folder>) without base_url to run the model here."
+            )
 
     def content_options(self) -> ContentOptions:
         return ContentOptions(images_first=self.images_first, pdf_dpi=self.pdf_dpi, pdf_max_pages=self.pdf_max_pages)
@@ -168,7 +221,17 @@ class ChatNVLM(BaseChatModel):
         return "nvlm"
 
     @property
+    def lc_secrets(self) -> dict[str, str]:
+        return {"api_key": "NVLM_API_KEY"}
+
+    @property
     def _identifying_params(self) -> dict[str, Any]:
+        if self.base_url is not None:  # the server decides placement and prompt layout
+            return {
+                "model": self.model, "base_url": self.base_url, "temperature": self.temperature, "top_p": self.top_p,
+                "top_k": self.top_k, "max_tokens": self.max_tokens, "seed": self.seed, "stop": self.stop,
+                "repetition_penalty": self.repetition_penalty,
+            }
         return {
             "model": self.model, "dialect": self.dialect, "device_map": self.device_map, "dtype": self.dtype,
             "context_length": self.context_length, "max_tiles": self.max_tiles, "temperature": self.temperature,
@@ -200,7 +263,8 @@ class ChatNVLM(BaseChatModel):
             tool_call_streaming=True, structured_output=True, temperature=True,
             mid_conversation_system_messages=False,
         )
-        context = self.context_length or _checkpoint_context_length(self.model)
+        # A remote model's name is no folder: its context is the server's (unknown here).
+        context = self.context_length or (None if self.base_url else _checkpoint_context_length(self.model))
         if context:
             profile["max_input_tokens"] = context
         return profile
@@ -209,6 +273,8 @@ class ChatNVLM(BaseChatModel):
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        if self.base_url is not None:
+            return remote.generate(self, messages, stop, kwargs)
         ticket = take_ticket(self)
         if ticket is not None:  # this invoke is one input of `batch`: its answer is being decoded
             assert ticket.channel is not None
@@ -223,6 +289,9 @@ class ChatNVLM(BaseChatModel):
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         # LangChain fires on_llm_new_token for every chunk yielded here; doing it too would double it.
+        if self.base_url is not None:
+            yield from remote.stream(self, messages, stop, kwargs)
+            return
         ticket = take_ticket(self)
         if ticket is not None:
             plan, deltas = ticket.plan, iter(ticket.channel or ())
@@ -247,6 +316,8 @@ class ChatNVLM(BaseChatModel):
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        if self.base_url is not None:
+            return await remote.agenerate(self, messages, stop, kwargs)
         plan, channel = await self._aplan(messages, stop, kwargs)
         result = None
         try:
@@ -262,6 +333,11 @@ class ChatNVLM(BaseChatModel):
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        if self.base_url is not None:
+            async with aclosing(remote.astream(self, messages, stop, kwargs)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+            return
         plan, channel = await self._aplan(messages, stop, kwargs)
         response = ResponseStream(plan.model_name, parse_tools=plan.parse_tools)
         finished = False
@@ -292,8 +368,11 @@ class ChatNVLM(BaseChatModel):
 
     def batch(self, inputs: list[LanguageModelInput], config: RunnableConfig | list[RunnableConfig] | None = None,
               *, return_exceptions: bool = False, **kwargs: Any) -> list[AIMessage | Exception]:
-        """Answers every input in one engine batch (greedy answers equal one-by-one answers)."""
-        if len(inputs) < 2 or self._cached():
+        """Answers every input in one engine batch (greedy answers equal one-by-one answers).
+
+        Remote: concurrent requests (up to the config's max_concurrency), which the server batches.
+        """
+        if self.base_url is not None or len(inputs) < 2 or self._cached():
             return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
         configs = get_config_list(config, len(inputs))
         stop = kwargs.pop("stop", None)
@@ -305,8 +384,8 @@ class ChatNVLM(BaseChatModel):
     async def abatch(self, inputs: list[LanguageModelInput],
                      config: RunnableConfig | list[RunnableConfig] | None = None, *, return_exceptions: bool = False,
                      **kwargs: Any) -> list[AIMessage | Exception]:
-        """The async `batch`: one engine batch, inputs awaited as tasks."""
-        if len(inputs) < 2 or self._cached():
+        """The async `batch`: one engine batch, inputs awaited as tasks (remote: concurrent requests)."""
+        if self.base_url is not None or len(inputs) < 2 or self._cached():
             return await super().abatch(inputs, config, return_exceptions=return_exceptions, **kwargs)
         configs = get_config_list(config, len(inputs))
         stop = kwargs.pop("stop", None)
@@ -382,13 +461,36 @@ class ChatNVLM(BaseChatModel):
     # --- token counting ------------------------------------------------------------------
 
     def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
-        """Prompt tokens as the model sees them: real tokenizer, image tokens, tool schemas included."""
+        """Prompt tokens as the model sees them: real tokenizer, image tokens, tool schemas included.
+
+        Remote (no tokenizer here): LangChain's estimate, `count_tokens_approximately` (4 characters
+        a token, 85 per image), good for trimming histories, not for exact budgets; the server's
+        count comes back in each answer's `usage_metadata`.
+        """
+        if self.base_url is not None:
+            return count_tokens_approximately(messages, tools=[convert_to_openai_tool(t) for t in tools or ()] or None)
         kwargs = {"tools": [convert_to_openai_tool(t) for t in tools]} if tools else {}
         call = compose_call(self, messages, kwargs)
         return call.engine.count_tokens(call.messages, max_tiles=call.max_tiles)
 
     def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of `text` (remote: only with `custom_get_token_ids`, as there is no tokenizer here)."""
+        if self.base_url is not None:
+            if self.custom_get_token_ids is not None:
+                return self.custom_get_token_ids(text)
+            self._require_local("get_token_ids (the tokenizer)")
         return list(self.engine.tokenizer.encode(text, add_special_tokens=False))
+
+    def get_num_tokens(self, text: str) -> int:
+        """Tokens in `text` (remote without `custom_get_token_ids`: 4 characters a token, an estimate)."""
+        if self.base_url is not None and self.custom_get_token_ids is None:
+            return math.ceil(len(text) / 4)
+        return super().get_num_tokens(text)
+
+
+# Fields that only one mode reads: setting one in the other mode warns.
+_REMOTE_ONLY = frozenset({"api_key", "timeout", "max_retries"})
+_LOCAL_ONLY = frozenset({"device_map", "dtype", "max_memory", "dialect", "max_tiles"})
 
 
 def _checkpoint_context_length(folder: str) -> int | None:

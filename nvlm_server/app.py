@@ -179,9 +179,15 @@ def _prepare(engine: NVLMEngine, messages: list[dict[str, Any]], req: schemas.Ch
         max_new_tokens=max_tokens,
         temperature=req.temperature if req.temperature is not None else 0.0,
         top_p=req.top_p, top_k=req.top_k, repetition_penalty=req.repetition_penalty, seed=req.seed,
-        stop=req.stop, max_tiles=settings.max_tiles,
+        stop=req.stop, max_tiles=_tiles_per_image(messages, settings.max_tiles),
         constraint=features.constraint(),
     )
+
+
+def _tiles_per_image(messages: list[dict[str, Any]], budget: int) -> int:
+    """The request's tile budget shared by its images, as the engine and ChatNVLM do (6 // n)."""
+    images = sum(1 for m in messages for p in m["content"] if isinstance(p, dict) and p.get("type") == "image")
+    return max(1, budget // max(1, images))
 
 
 async def _complete(request: Request, handle: RequestHandle, model: str, features: RequestFeatures,

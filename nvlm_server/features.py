@@ -50,10 +50,12 @@ class RequestFeatures:
     tools: list[Any] = field(default_factory=list)
     make_constraint: Callable[[], TokenConstraint] | None = None
     system_default: str = DEFAULT_SYSTEM_PROMPT
+    answer_format: Any = None  # nvlm_langchain ResponseFormat, when the request asks for JSON
 
     def messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Put the tools block into the system turn (after the request's own system text)."""
-        if not self.tools:
+        """The system turn as ChatNVLM composes it: the request's text (or the default), then the
+        tools block, then the answer-format sentence; so server and local answers are the same."""
+        if not self.tools and self.answer_format is None:
             return messages
         from nvlm_langchain.tool_calls import tools_system_text
 
@@ -62,7 +64,11 @@ class RequestFeatures:
             rest = messages[1:]
         else:
             system, rest = self.system_default, messages
-        return [{"role": "system", "content": tools_system_text(system, self.tools)}, *rest]
+        if self.tools:
+            system = tools_system_text(system, self.tools)
+        if self.answer_format is not None:
+            system = f"{system}\n\n{self.answer_format.instruction(with_tools=bool(self.tools))}"
+        return [{"role": "system", "content": system}, *rest]
 
     def constraint(self) -> TokenConstraint | None:
         return self.make_constraint() if self.make_constraint is not None else None
@@ -74,8 +80,10 @@ class RequestFeatures:
         from nvlm_langchain.tool_calls import parse_tool_calls
 
         parsed = parse_tool_calls(text)
-        content = "\n".join([parsed.content, *(c.raw for c in parsed.invalid)]).strip()
-        calls = [_openai_call(c.id, c.name, c.args) for c in parsed.valid]
+        # A call whose name is known but whose JSON is broken (cut off, say) stays a tool call with
+        # its raw text as arguments, so clients see it as an invalid call; a nameless one is text.
+        content = "\n".join([parsed.content, *(c.raw for c in parsed.invalid if not c.name)]).strip()
+        calls = [_openai_call(c.id, c.name, c.args if c.valid else c.raw) for c in parsed.calls if c.name]
         message: dict[str, Any] = {"role": "assistant", "content": content or None}
         if calls:
             message["tool_calls"] = calls
@@ -136,8 +144,15 @@ class _ToolStream:
                 if not event.announced:
                     call.update(id=event.id, type="function", function={"name": event.name, "arguments": arguments})
                 deltas.append({"tool_calls": [call]})
+            elif isinstance(event, CallFinished) and event.name:
+                # Invalid (e.g. cut off): its raw text as arguments, so clients see an invalid call.
+                index = self._slot(event.index)
+                call = {"index": index, "function": {"arguments": event.raw}}
+                if not event.announced:
+                    call.update(id=event.id, type="function", function={"name": event.name, "arguments": event.raw})
+                deltas.append({"tool_calls": [call]})
             elif isinstance(event, CallFinished):
-                deltas.append({"content": event.raw})  # an invalid call stays visible as text
+                deltas.append({"content": event.raw})  # a nameless broken call stays visible as text
         return deltas
 
     def _slot(self, parser_index: int) -> int:
@@ -166,8 +181,12 @@ def plan_features(req: ChatCompletionRequest, engine: NVLMEngine) -> RequestFeat
             compiled = grammars.tool_calls([tool], "forced")
     except ValueError as e:
         raise RequestRejected(f"cannot use the given schema: {e}", code="invalid_schema") from e
+    from nvlm_langchain.requests import ResponseFormat
+
+    answer_format = ResponseFormat(schema=answer_schema if req.response_format.type == "json_schema" else None) \
+        if req.response_format is not None and answer_schema is not None else None
     return RequestFeatures(tools=tools, make_constraint=lambda: grammars.constraint(compiled),
-                           system_default=system_default)
+                           system_default=system_default, answer_format=answer_format)
 
 
 def _tools(req: ChatCompletionRequest) -> list[Any]:
@@ -213,9 +232,9 @@ def _answer_schema(req: ChatCompletionRequest) -> dict[str, Any] | None:
     return schema
 
 
-def _openai_call(call_id: str, name: str | None, args: dict[str, Any] | None) -> dict[str, Any]:
-    return {"id": call_id, "type": "function",
-            "function": {"name": name, "arguments": json.dumps(args or {}, ensure_ascii=False)}}
+def _openai_call(call_id: str, name: str | None, args: dict[str, Any] | str | None) -> dict[str, Any]:
+    arguments = args if isinstance(args, str) else json.dumps(args or {}, ensure_ascii=False)
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 def _openai_reason(engine_reason: str) -> str:
