@@ -90,8 +90,10 @@ def main(prompt: tuple[str, ...], model: str | None, images: tuple[str, ...], pa
             model, system=system, device_map=_device_map(device_map), dtype=dtype, max_tiles=max_tiles,
             allow_urls=allow_urls, generation={"max_tokens": max_tokens, "temperature": temperature,
                                                "top_p": top_p, "seed": seed},
-            progress=_progress if sys.stderr.isatty() or verbose else None,
+            progress=_LoadProgress() if sys.stderr.isatty() or verbose else None,
         )
+        if verbose:
+            click.echo(_describe_placement(session), err=True)
         if load_file is not None:
             session.load(load_file)
         text = " ".join(prompt)
@@ -244,11 +246,28 @@ def _timing_line(answer: AIMessage, started: float) -> str:
     return f"[{usage.get('input_tokens', 0)} prompt + {tokens} answer tokens in {seconds:.2f}s{first_text}]"
 
 
-def _progress(shard: Path, number: int, count: int) -> None:
-    width = 30
-    done = int(width * number / count)
-    click.echo(f"\rloading {'#' * done}{'.' * (width - done)} {number}/{count} shards", err=True,
-               nl=number == count)
+class _LoadProgress:
+    """A progress bar on stderr while shards load: shards, bytes read, then where the model went."""
+
+    def __init__(self) -> None:
+        self.done_bytes = 0
+        self.total_bytes: int | None = None
+
+    def __call__(self, shard: Path, number: int, count: int) -> None:
+        if self.total_bytes is None:
+            self.total_bytes = sum(p.stat().st_size for p in shard.parent.glob("*.safetensors")) or 1
+        self.done_bytes += shard.stat().st_size
+        width = 30
+        done = int(width * number / count)
+        click.echo(f"\rloading [{'#' * done}{'.' * (width - done)}] {number}/{count} shards, "
+                   f"{self.done_bytes / 1e9:.2f}/{self.total_bytes / 1e9:.2f} GB", err=True, nl=number == count)
+
+
+def _describe_placement(session: ChatSession) -> str:
+    model = session.llm.engine.model
+    devices = sorted({str(p.device) for p in model.parameters()})
+    dtype = str(next(model.language_model.parameters()).dtype).removeprefix("torch.")
+    return f"model on {', '.join(devices)} ({dtype})"
 
 
 def _device_map(value: str) -> str | list[str]:

@@ -257,3 +257,49 @@ def test_bad_tool_requests_are_400(server_url, extra: dict) -> None:
     response = httpx.post(server_url + "/v1/chat/completions", json=body, timeout=30)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["message"]
+
+
+def test_request_timeout_cancels_and_answers_504(tiny_engine) -> None:
+    with running_server(tiny_engine, ServerSettings(request_timeout_s=0.5)) as url:
+        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5000}
+        started = time.time()
+        response = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
+        assert time.time() - started < 20
+        assert httpx.get(url + "/health").json()["running"] == 0
+
+
+def test_image_urls_are_fetched_only_from_allowed_hosts(tiny_engine) -> None:
+    import http.server
+    import threading
+
+    png = _png(64, 64, (200, 0, 0))
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    images = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=images.serve_forever, daemon=True).start()
+    image_url = f"http://127.0.0.1:{images.server_address[1]}/red.png"
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                                      {"type": "text", "text": "Color?"}]}], "max_tokens": 3}
+    try:
+        allowed = ServerSettings(images=ImagePolicy(allow_url_fetch=True, allowed_hosts=("127.0.0.1",)))
+        with running_server(tiny_engine, allowed) as url:
+            ok = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+            assert ok.status_code == 200, ok.text
+            assert ok.json()["usage"]["prompt_tokens"] > 256  # the fetched image is in the prompt
+        other = ServerSettings(images=ImagePolicy(allow_url_fetch=True, allowed_hosts=("images.example.com",)))
+        with running_server(tiny_engine, other) as url:
+            refused = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+            assert refused.status_code == 400 and "allowlist" in refused.json()["error"]["message"]
+    finally:
+        images.shutdown()
