@@ -260,7 +260,11 @@ class _LoadProgress:
         width = 30
         done = int(width * number / count)
         click.echo(f"\rloading [{'#' * done}{'.' * (width - done)}] {number}/{count} shards, "
-                   f"{self.done_bytes / 1e9:.2f}/{self.total_bytes / 1e9:.2f} GB", err=True, nl=number == count)
+                   f"{_size(self.done_bytes)}/{_size(self.total_bytes)}", err=True, nl=number == count)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def _describe_placement(session: ChatSession) -> str:
