@@ -20,60 +20,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms as T
 from PIL import Image
-from torchvision.transforms.functional import InterpolationMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from card_baseline import card_tiles  # noqa: E402
 
 from nvlm_engine.images import load_image  # noqa: E402
 from nvlm_engine.tiling import preprocess_image  # noqa: E402
 
 logger = logging.getLogger("bench_preprocess")
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-# --- the model card's pipeline (SPEC section 5) --------------------------------------------
-
-
-def card_grid(width: int, height: int, max_num: int, size: int) -> tuple[int, int]:
-    ratios = {
-        (i, j) for n in range(1, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1) if 1 <= i * j <= max_num
-    }
-    aspect = width / height
-    best, best_diff = (1, 1), float("inf")
-    for ratio in sorted(ratios, key=lambda r: r[0] * r[1]):
-        diff = abs(aspect - ratio[0] / ratio[1])
-        if diff < best_diff:
-            best, best_diff = ratio, diff
-        elif diff == best_diff and width * height > 0.5 * size * size * ratio[0] * ratio[1]:
-            best = ratio
-    return best
-
-
-def card_dynamic_preprocess(image: Image.Image, max_num: int = 6, size: int = 448) -> list[Image.Image]:
-    cols, rows = card_grid(*image.size, max_num=max_num, size=size)
-    resized = image.resize((size * cols, size * rows))
-    tiles = [
-        resized.crop(((i % cols) * size, (i // cols) * size, (i % cols + 1) * size, (i // cols + 1) * size))
-        for i in range(cols * rows)
-    ]
-    if len(tiles) != 1:
-        tiles.append(image.resize((size, size)))
-    return tiles
+# --- the model card's pipeline (SPEC section 5), shared with bench_engine.py ---------------
 
 
 def card_load_image(path: Path, max_num: int = 6, size: int = 448) -> torch.Tensor:
-    image = Image.open(path).convert("RGB")
-    transform = T.Compose(
-        [
-            T.Resize((size, size), interpolation=InterpolationMode.BICUBIC),
-            T.ToTensor(),
-            T.Normalize(mean=MEAN, std=STD),
-        ]
-    )
-    return torch.stack([transform(tile) for tile in card_dynamic_preprocess(image, max_num, size)])
+    return card_tiles(Image.open(path), max_num=max_num, size=size)
 
 
 # --- harness -----------------------------------------------------------------------------------
