@@ -11,8 +11,6 @@ Knows nothing of LangChain, HTTP or command lines.
 
 from .config import LLMConfig, NVLMConfig, VisionConfig
 from .devices import DeviceMapError
-from .placement import PlanError
-from .quantization import QuantizationError
 from .engine import GenerationStream, ImagePolicy, NVLMEngine
 from .errors import (
     CheckpointError,
@@ -29,7 +27,9 @@ from .errors import (
 )
 from .generation import GenerationResult, PreparedRequest, Usage
 from .images import load_image
+from .placement import PlanError
 from .prompts import PromptDialect
+from .quantization import QuantizationError
 from .sampling import SamplingOptions, TokenConstraint
 from .tiling import TiledImage, preprocess_image
 

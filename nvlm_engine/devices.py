@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import NVLMConfig
 from .errors import NVLMError
 from .placement import GIB, DeviceSpec, Footprint, Plan, PlanError, format_gib, plan_placement, unit_of
 from .quantization import QuantizationScheme
@@ -325,9 +324,9 @@ def _gpu_memory(text: str) -> tuple[int, str]:
 
 
 __all__ = [
+    "GPU_PRESETS_MIB",
     "DeviceMapError",
     "DeviceMapLike",
-    "GPU_PRESETS_MIB",
     "Placement",
     "PlanError",
     "device_for",

@@ -162,7 +162,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image.convert("RGB")
     except ImageError:
         raise
-    except Exception as e:  # noqa: BLE001 - decoders raise anything; see _decode
+    except Exception as e:
         raise ImageDecodeError(
             f"cannot convert a {image.mode} image of size {image.size} to RGB "
             f"({type(e).__name__}: {e}); {_RESAVE_HINT}"
@@ -349,7 +349,7 @@ def _decode(data: bytes, label: str, max_pixels: int) -> Image.Image:
                 f"{label} is not an image format Pillow can read (starts with {data[:8]!r}); "
                 f"{_RESAVE_HINT}"
             ) from e
-        except Exception as e:  # noqa: BLE001 - see _load_pixels
+        except Exception as e:
             raise ImageDecodeError(
                 f"{label} has a corrupt image header ({type(e).__name__}: {e}); {_RESAVE_HINT}"
             ) from e
@@ -386,7 +386,7 @@ def _load_pixels(image: Image.Image, label: str) -> None:
         image.load()
     except Image.DecompressionBombError as e:
         raise ImageTooLargeError(f"{label}: {e}; downscale the image") from e
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         # Pillow's decoders signal bad data with OSError, SyntaxError, ValueError, TypeError,
         # EOFError, struct.error, IndexError... depending on the plugin. Whatever they raise
         # here means the same thing to the caller: these bytes are not a usable image.

@@ -21,12 +21,12 @@ from .parsing import parse_grounding
 
 __all__ = [
     "GROUNDED_OCR_PROMPT",
+    "PLAIN_OCR_PROMPT",
+    "REGION_OCR_PROMPT",
     "OCRInput",
     "OCRPage",
     "OCRResult",
     "OCRTool",
-    "PLAIN_OCR_PROMPT",
-    "REGION_OCR_PROMPT",
 ]
 
 PLAIN_OCR_PROMPT = "Transcribe the document as plain text."

@@ -98,21 +98,21 @@ class Grounding:
 
 # Qwen2-VL's markers and HTML-escaped tags are rewritten into the Qwen-VL tags first.
 _ALIASES: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]] = [
-    (re.compile(r"<\|object_ref_start\|>", re.I), "<ref>"),
-    (re.compile(r"<\|object_ref_end\|>", re.I), "</ref>"),
-    (re.compile(r"<\|box_start\|>", re.I), "<box>"),
-    (re.compile(r"<\|box_end\|>", re.I), "</box>"),
-    (re.compile(r"<\|quad_start\|>", re.I), "<quad>"),
-    (re.compile(r"<\|quad_end\|>", re.I), "</quad>"),
+    (re.compile(r"<\|object_ref_start\|>", re.IGNORECASE), "<ref>"),
+    (re.compile(r"<\|object_ref_end\|>", re.IGNORECASE), "</ref>"),
+    (re.compile(r"<\|box_start\|>", re.IGNORECASE), "<box>"),
+    (re.compile(r"<\|box_end\|>", re.IGNORECASE), "</box>"),
+    (re.compile(r"<\|quad_start\|>", re.IGNORECASE), "<quad>"),
+    (re.compile(r"<\|quad_end\|>", re.IGNORECASE), "</quad>"),
     # "< box >", "<BOX>", "</ box>": one spelling.
-    (re.compile(r"<\s*(/?)\s*(ref|box|quad)\s*>", re.I), lambda m: f"<{m[1]}{m[2].lower()}>"),
+    (re.compile(r"<\s*(/?)\s*(ref|box|quad)\s*>", re.IGNORECASE), lambda m: f"<{m[1]}{m[2].lower()}>"),
 ]
 # An element is a <ref> or a <box>/<quad>; a missing closing tag ends it at the next tag,
 # the end of the line or the end of the text (truncated output).
 _ELEMENT = re.compile(
     r"<ref>(?P<ref>.*?)(?:</ref>|(?=<(?:ref|box|quad)>)|(?=\n)|$)"
     r"|<(?P<kind>box|quad)>(?P<body>.*?)(?:</(?:box|quad)>|(?=<(?:ref|box|quad)>)|(?=\n)|$)",
-    re.S,
+    re.DOTALL,
 )
 _NUM = r"[-+]?\d+(?:\.\d+)?"
 _NUMBER = re.compile(_NUM)
@@ -190,7 +190,7 @@ def parse_quads(text: str) -> list[RefQuad]:
 
 def _normalize_tags(text: str) -> str:
     if "&lt;" in text:
-        text = re.sub(r"&lt;(\s*/?\s*(?:ref|box|quad)\s*)&gt;", r"<\1>", text, flags=re.I)
+        text = re.sub(r"&lt;(\s*/?\s*(?:ref|box|quad)\s*)&gt;", r"<\1>", text, flags=re.IGNORECASE)
     for pattern, replacement in _ALIASES:
         text = pattern.sub(replacement, text)
     return text

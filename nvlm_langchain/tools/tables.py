@@ -33,15 +33,15 @@ _UNIT_WORDS = (
     r"kg|tons?|tonnes|km|m|cm|mm|kwh|mwh|gwh|mw|gw|hours?|days?|years?|people|units"
 )
 _HEADER_BRACKET = re.compile(r"^(?P<name>.*?)\s*[(\[]\s*(?P<unit>[^()\[\]]{1,30}?)\s*[)\]]\s*$")
-_HEADER_IN = re.compile(rf"^(?P<name>.+?)[\s,]+in\s+(?P<unit>{_UNIT_WORDS})\s*$", re.I)
+_HEADER_IN = re.compile(rf"^(?P<name>.+?)[\s,]+in\s+(?P<unit>{_UNIT_WORDS})\s*$", re.IGNORECASE)
 _HEADER_TRAILING = re.compile(
-    rf"^(?P<name>.+?)\s*,\s*(?P<unit>{_UNIT_WORDS})\s*$|^(?P<name2>.+?)\s*(?P<unit2>%)$", re.I
+    rf"^(?P<name>.+?)\s*,\s*(?P<unit>{_UNIT_WORDS})\s*$|^(?P<name2>.+?)\s*(?P<unit2>%)$", re.IGNORECASE
 )
 _SEPARATOR_ROW = re.compile(r"^[\s|:\-+=]+$")
-_FENCE = re.compile(r"```[\w-]*[ \t]*\n?(?P<body>.*?)(?:```|$)", re.S)
+_FENCE = re.compile(r"```[\w-]*[ \t]*\n?(?P<body>.*?)(?:```|$)", re.DOTALL)
 _KEY_VALUE = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])?\s*(?P<key>[^:=|\t]{1,80}?)\s*[:=]\s*(?P<value>\S.*?)\s*$")
-_HTML_ROW = re.compile(r"<tr[^>]*>(.*?)(?:</tr>|(?=<tr)|$)", re.S | re.I)
-_HTML_CELL = re.compile(r"<t([hd])[^>]*>(.*?)(?:</t[hd]>|(?=<t[hd])|$)", re.S | re.I)
+_HTML_ROW = re.compile(r"<tr[^>]*>(.*?)(?:</tr>|(?=<tr)|$)", re.DOTALL | re.IGNORECASE)
+_HTML_CELL = re.compile(r"<t([hd])[^>]*>(.*?)(?:</t[hd]>|(?=<t[hd])|$)", re.DOTALL | re.IGNORECASE)
 _TITLE = re.compile(r"^\s*(?:TITLE|Title|title)\s*[|:]\s*(?P<title>.*)$")
 
 
@@ -138,7 +138,7 @@ def split_unit(header: str) -> tuple[str, str | None]:
         unit = match["unit"].strip()
         if unit.lower() in ("in %", "percent", "in percent", "percentage"):
             unit = "%"
-        return match["name"].strip(), re.sub(r"^in\s+", "", unit, flags=re.I)
+        return match["name"].strip(), re.sub(r"^in\s+", "", unit, flags=re.IGNORECASE)
     match = _HEADER_IN.match(header)
     if match:
         return match["name"].strip(), match["unit"].strip()
@@ -195,8 +195,7 @@ def _pipe_rows(text: str) -> Grid:
             has_header = has_header or len(rows) == 1
             continue
         line = line.strip()
-        if line.startswith("|"):
-            line = line[1:]
+        line = line.removeprefix("|")
         if line.endswith("|") and not line.endswith("\\|"):
             line = line[:-1]
         rows.append([cell.replace("\\|", "|") for cell in re.split(r"(?<!\\)\|", line)])
@@ -249,7 +248,7 @@ def _key_value_rows(text: str) -> Grid:
 
 
 def _html_rows(text: str) -> Grid:
-    if not re.search(r"<t[rdh][\s>]", text, re.I):
+    if not re.search(r"<t[rdh][\s>]", text, re.IGNORECASE):
         return [], False
     cells = [_HTML_CELL.findall(row) for row in _HTML_ROW.findall(text)]
     cells = [row for row in cells if row]
