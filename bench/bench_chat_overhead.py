@@ -10,7 +10,7 @@ of a shared machine, which is larger than the overhead itself; paired engine-onl
 same workload give the base for the percentage.
 
 1. `stream`: text prompt; 2. `stream + image`: a one-tile image block in the message;
-3. `astream`: one worker thread per request, deltas handed to the event loop;
+3. `astream`: deltas from the engine's scheduler thread handed to the event loop;
 4. `invoke`; 5. `forced tool call`: `tool_choice="any"` (grammar, parsing, tool_call_chunks).
 
 Prints, per workload: the engine-only median time per request, and ChatNVLM's median overhead per
@@ -75,6 +75,12 @@ class EngineClock:
                 yield delta
 
         engine.prepare, engine.run, engine.stream_batch = timed(prepare), timed(run), timed_stream_batch  # type: ignore[method-assign]
+        # ChatNVLM decodes on its engine's Scheduler thread: clock those engine steps too.
+        from nvlm_engine.generation import DecodeBatch
+
+        start_fn, advance_fn = DecodeBatch.start.__func__, DecodeBatch.advance
+        DecodeBatch.start = classmethod(lambda cls, *a, **k: timed(start_fn)(cls, *a, **k))  # type: ignore[method-assign]
+        DecodeBatch.advance = lambda self_: timed(advance_fn)(self_)  # type: ignore[method-assign]
 
     def _add(self, seconds: float) -> None:
         with self._lock:

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -57,13 +57,33 @@ class RequestHandle:
         self.request.cancel.set()
 
     def __iter__(self) -> Iterator[str]:
+        for delta in self._read():
+            if delta.text:
+                yield delta.text
+
+    def deltas(self) -> Generator[Delta, None, None]:
+        """Blocking iteration over `Delta`s (index 0); the last one carries `result` and the final text.
+
+        Leaving early (break, close, an exception in the consumer) cancels the request.
+        """
+        try:
+            yield from self._read()
+        finally:
+            if self.result is None:  # the consumer left early: free the slot
+                self.cancel()
+
+    def _read(self) -> Iterator[Delta]:
         while True:
             item = self._queue.get()
-            if item is _END:
-                if self.error is not None:
-                    raise self.error
-                return
-            yield item
+            if isinstance(item, Delta):
+                yield item
+                if item.result is not None:
+                    return
+                continue
+            assert item is _END
+            if self.error is not None:
+                raise self.error
+            return
 
     def wait(self) -> GenerationResult:
         """Block until the request is done and return its result."""
@@ -74,22 +94,39 @@ class RequestHandle:
 
     async def astream(self) -> AsyncIterator[str]:
         """Async iteration; the handle must have been submitted with `loop` set (see `Scheduler.submit`)."""
+        deltas = self.adeltas()
+        try:
+            async for delta in deltas:
+                if delta.text:
+                    yield delta.text
+        finally:
+            await deltas.aclose()
+
+    async def adeltas(self) -> AsyncGenerator[Delta, None]:
+        """The async `deltas()`: needs the handle submitted with `loop` set; leaving early cancels."""
         assert self._async_queue is not None, "submit(..., loop=asyncio.get_running_loop()) for async use"
         try:
             while True:
                 item = await self._async_queue.get()
-                if item is _END:
-                    if self.error is not None:
-                        raise self.error
-                    return
-                yield item
+                if isinstance(item, Delta):
+                    yield item
+                    if item.result is not None:
+                        return
+                    continue
+                assert item is _END
+                if self.error is not None:
+                    raise self.error
+                return
         finally:
             if self.result is None:  # the consumer left early: free the slot
                 self.cancel()
 
     def _put(self, item: object) -> None:
         if self._loop is not None and self._async_queue is not None:
-            self._loop.call_soon_threadsafe(self._async_queue.put_nowait, item)
+            try:
+                self._loop.call_soon_threadsafe(self._async_queue.put_nowait, item)
+            except RuntimeError:  # the consumer's loop closed: nobody reads this handle any more
+                self.cancel()
         else:
             self._queue.put(item)
 
@@ -112,6 +149,8 @@ class Scheduler:
         self._closed = False
         self._handles: dict[int, RequestHandle] = {}
         self._next_id = 0
+        self.max_rows = 0
+        """The most rows decoded together in one step so far (monitoring, tests)."""
         self._thread = threading.Thread(target=self._run, name="nvlm-scheduler", daemon=True)
         self._thread.start()
 
@@ -119,17 +158,24 @@ class Scheduler:
 
     def submit(self, request: PreparedRequest, *, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
         """Queue a prepared request; pass the running event loop to read the handle asynchronously."""
-        handle = RequestHandle(request)
+        (handle,) = self.submit_many([request], loop=loop)
+        return handle
+
+    def submit_many(self, requests: Sequence[PreparedRequest], *,
+                    loop: asyncio.AbstractEventLoop | None = None) -> list[RequestHandle]:
+        """Queue requests together (all or none): an idle worker admits them in one prefill group."""
+        handles = [RequestHandle(request) for request in requests]
         if loop is not None:
-            handle._loop, handle._async_queue = loop, asyncio.Queue()
+            for handle in handles:
+                handle._loop, handle._async_queue = loop, asyncio.Queue()
         with self._lock:
             if self._closed:
                 raise SchedulerClosedError("the scheduler is closed; create a new one")
-            if len(self._waiting) >= self.max_queue:
+            if len(self._waiting) + len(handles) > self.max_queue:
                 raise QueueFullError(f"{len(self._waiting)} requests already wait (max_queue={self.max_queue}); retry later")
-            self._waiting.append(handle)
+            self._waiting.extend(handles)
             self._lock.notify()
-        return handle
+        return handles
 
     @property
     def queued(self) -> int:
@@ -165,6 +211,7 @@ class Scheduler:
                 batch = self._start(admitted, batch)
             if batch is None or not batch.rows:
                 continue
+            self.max_rows = max(self.max_rows, len(batch.rows))
             try:
                 deltas = batch.advance()
             except Exception as e:  # a failed step fails its requests, never the worker
@@ -211,13 +258,13 @@ class Scheduler:
             handle = self._handles.get(delta.index)
             if handle is None:
                 continue
-            if delta.text:
-                handle._put(delta.text)
             if delta.result is not None:
                 handle.result = delta.result
                 with self._lock:
                     del self._handles[delta.index]
-                handle._put(_END)
+                handle._put(Delta(0, delta.text, delta.result))
+            elif delta.text:
+                handle._put(Delta(0, delta.text))
 
     def _fail(self, indices: list[int], error: Exception) -> None:
         for index in indices:

@@ -4,13 +4,15 @@ or, with `base_url`, on an OpenAI-compatible server (nvlm-serve, or vLLM serving
 This module is the LangChain surface: fields, the generate / stream hooks (sync and async),
 batching, tools, structured output, tracing parameters, token counting and the profile. The
 work is done beside it: `requests.py` turns a call into an engine request, `responses.py`
-turns engine output into messages, `jobs.py` runs engine batches off the caller's thread,
-`engines.py` loads each checkpoint once per process; `remote.py` does a call on a server
-instead, when `base_url` is set.
+turns engine output into messages, `engines.py` loads each checkpoint once per process and
+runs all its decoding on one continuous-batching scheduler (so concurrent calls from any
+threads or tasks share decode steps), `jobs.py` submits a `batch`'s inputs together;
+`remote.py` does a call on a server instead, when `base_url` is set.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import logging
@@ -37,10 +39,11 @@ from pydantic import ConfigDict, Field, SecretStr, model_validator
 
 from nvlm_engine import NVLMEngine
 from nvlm_engine.sampling import DEFAULT_MAX_NEW_TOKENS, make_options
+from nvlm_engine.scheduler import RequestHandle
 
 from . import remote
 from .engines import EngineSpec, get_engine
-from .jobs import DeltaChannel, EngineJob, arun_batch, run_batch, take_ticket
+from .jobs import arun_batch, run_batch, take_ticket
 from .messages import ContentOptions
 from .requests import CallPlan, compose_call, normalize_tool_choice, plan_call
 from .responses import ResponseStream, chat_result
@@ -275,14 +278,14 @@ class ChatNVLM(BaseChatModel):
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         if self.base_url is not None:
             return remote.generate(self, messages, stop, kwargs)
-        ticket = take_ticket(self)
-        if ticket is not None:  # this invoke is one input of `batch`: its answer is being decoded
-            assert ticket.channel is not None
-            result = list(ticket.channel)[-1].result
-            plan = ticket.plan
-        else:
-            plan = plan_call(self, messages, stop, kwargs)
-            (result,) = plan.engine.run([plan.request])
+        plan, handle = self._plan(messages, stop, kwargs)
+        result = None
+        deltas = handle.deltas()
+        try:
+            for delta in deltas:
+                result = delta.result or result
+        finally:
+            deltas.close()  # cancels the request unless it finished (e.g. KeyboardInterrupt)
         assert result is not None
         return chat_result(result, plan.model_name, parse_tools=plan.parse_tools)
 
@@ -292,41 +295,27 @@ class ChatNVLM(BaseChatModel):
         if self.base_url is not None:
             yield from remote.stream(self, messages, stop, kwargs)
             return
-        ticket = take_ticket(self)
-        if ticket is not None:
-            plan, deltas = ticket.plan, iter(ticket.channel or ())
-        else:
-            plan = plan_call(self, messages, stop, kwargs)
-            deltas = plan.engine.stream_batch([plan.request])  # decoded in this thread, no hand-off
+        plan, handle = self._plan(messages, stop, kwargs)
         response = ResponseStream(plan.model_name, parse_tools=plan.parse_tools)
-        finished = False
+        deltas = handle.deltas()  # a blocking get per delta from the scheduler's thread
         try:
             for delta in deltas:
                 if delta.result is not None:
-                    finished = True
                     yield response.last(delta.text, delta.result)
                 elif (chunk := response.chunk(delta.text)) is not None:
                     yield chunk
         finally:
-            if not finished:  # the consumer stopped early: stop decoding, free the cache
-                plan.request.cancel.set()
-                close = getattr(deltas, "close", None)
-                if close is not None:
-                    close()
+            deltas.close()  # the consumer stopped early: the request is cancelled, its row freed
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         if self.base_url is not None:
             return await remote.agenerate(self, messages, stop, kwargs)
-        plan, channel = await self._aplan(messages, stop, kwargs)
+        plan, handle = await self._aplan(messages, stop, kwargs)
         result = None
-        try:
-            async with aclosing(channel.__aiter__()) as deltas:
-                async for delta in deltas:
-                    result = delta.result or result
-        finally:
-            if result is None:
-                plan.request.cancel.set()
+        async with aclosing(handle.adeltas()) as deltas:  # leaving early (a cancelled task) cancels
+            async for delta in deltas:
+                result = delta.result or result
         assert result is not None
         return chat_result(result, plan.model_name, parse_tools=plan.parse_tools)
 
@@ -338,37 +327,44 @@ class ChatNVLM(BaseChatModel):
                 async for chunk in chunks:
                     yield chunk
             return
-        plan, channel = await self._aplan(messages, stop, kwargs)
+        plan, handle = await self._aplan(messages, stop, kwargs)
         response = ResponseStream(plan.model_name, parse_tools=plan.parse_tools)
-        finished = False
-        try:
-            async with aclosing(channel.__aiter__()) as deltas:
-                async for delta in deltas:
-                    if delta.result is not None:
-                        finished = True
-                        yield response.last(delta.text, delta.result)
-                    elif (chunk := response.chunk(delta.text)) is not None:
-                        yield chunk
-        finally:
-            if not finished:  # aclose() or a cancelled task: the worker stops at the next token
-                plan.request.cancel.set()
+        # Deltas arrive by call_soon_threadsafe from the scheduler's thread: no executor hop per token.
+        # aclose() or a cancelled task cancels the request; the scheduler frees its row at the next step.
+        async with aclosing(handle.adeltas()) as deltas:
+            async for delta in deltas:
+                if delta.result is not None:
+                    yield response.last(delta.text, delta.result)
+                elif (chunk := response.chunk(delta.text)) is not None:
+                    yield chunk
+
+    def _plan(self, messages: list[BaseMessage], stop: list[str] | None,
+              kwargs: dict[str, Any]) -> tuple[CallPlan, RequestHandle]:
+        """The call's plan and its handle on the engine's scheduler (planning errors raise before queueing)."""
+        ticket = take_ticket(self)
+        if ticket is not None:  # this invoke is one input of `batch`: its request is already queued
+            assert ticket.handle is not None
+            return ticket.plan, ticket.handle
+        plan = plan_call(self, messages, stop, kwargs)
+        return plan, plan.loaded.scheduler.submit(plan.request)
 
     async def _aplan(self, messages: list[BaseMessage], stop: list[str] | None,
-                     kwargs: dict[str, Any]) -> tuple[CallPlan, DeltaChannel]:
-        """The call's plan and the channel its deltas arrive on (one worker thread per request)."""
+                     kwargs: dict[str, Any]) -> tuple[CallPlan, RequestHandle]:
+        """The async `_plan`: the handle delivers to this event loop."""
         ticket = take_ticket(self)
         if ticket is not None:
-            assert ticket.channel is not None
-            return ticket.plan, ticket.channel
+            assert ticket.handle is not None
+            return ticket.plan, ticket.handle
         # Planning reads and tiles images: off the event loop.
         plan = await run_in_executor(None, plan_call, self, messages, stop, kwargs)
-        return plan, EngineJob(plan.engine, [plan.request]).channels[0]
+        return plan, plan.loaded.scheduler.submit(plan.request, loop=asyncio.get_running_loop())
 
-    # --- batching: one engine batch, each input still a full LangChain call -----------------
+    # --- batching: all requests queued at once, each input still a full LangChain call -------
 
     def batch(self, inputs: list[LanguageModelInput], config: RunnableConfig | list[RunnableConfig] | None = None,
               *, return_exceptions: bool = False, **kwargs: Any) -> list[AIMessage | Exception]:
-        """Answers every input in one engine batch (greedy answers equal one-by-one answers).
+        """Submits every input's request at once to the engine's scheduler, which decodes them in
+        shared batches (greedy answers equal one-by-one answers).
 
         Remote: concurrent requests (up to the config's max_concurrency), which the server batches.
         """
@@ -384,7 +380,7 @@ class ChatNVLM(BaseChatModel):
     async def abatch(self, inputs: list[LanguageModelInput],
                      config: RunnableConfig | list[RunnableConfig] | None = None, *, return_exceptions: bool = False,
                      **kwargs: Any) -> list[AIMessage | Exception]:
-        """The async `batch`: one engine batch, inputs awaited as tasks (remote: concurrent requests)."""
+        """The async `batch`: all requests submitted at once, inputs awaited as tasks (remote: concurrent requests)."""
         if self.base_url is not None or len(inputs) < 2 or self._cached():
             return await super().abatch(inputs, config, return_exceptions=return_exceptions, **kwargs)
         configs = get_config_list(config, len(inputs))

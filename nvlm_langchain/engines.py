@@ -5,7 +5,9 @@ folder, device map, dtype, memory budget, context length), and the first call th
 model loads it here, under a lock, once per process. Every `ChatNVLM` naming the same spec,
 and every copy LangChain makes of one (`bind`, `with_config`, ...), shares those weights.
 Each prompt dialect gets a light `NVLMEngine` view over the same model and tokenizer rather
-than a second copy of the weights.
+than a second copy of the weights. All decoding on those weights goes through one
+continuous-batching `Scheduler` (one worker thread), so concurrent calls from any threads or
+tasks, in any dialect, share decode steps instead of running separate loops on one model.
 Loading different checkpoints can overlap; loading the same one twice cannot.
 
 Knows how to load engines and build their grammar compiler; knows nothing of LangChain.
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from nvlm_engine import NVLMEngine, PromptDialect
 from nvlm_engine.engine import ProgressCallback
+from nvlm_engine.scheduler import Scheduler
 
 if TYPE_CHECKING:
     from .grammar import Grammars
@@ -30,6 +33,11 @@ if TYPE_CHECKING:
 __all__ = ["EngineSpec", "LoadedEngine", "clear_engines", "get_engine", "loaded_specs"]
 
 logger = logging.getLogger(__name__)
+
+MAX_BATCH_SIZE = 16
+"""Rows a `LoadedEngine`'s scheduler decodes together at most; later requests wait for a free row."""
+MAX_QUEUE = 1 << 30
+"""In-process callers wait rather than get a "queue full" error: the queue is effectively unbounded."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,7 @@ class LoadedEngine:
         self.base = base
         self._views: dict[str, NVLMEngine] = {}
         self._grammars: Grammars | None = None
+        self._scheduler: Scheduler | None = None
         self._lock = threading.Lock()
 
     def engine(self, dialect: str = "reference") -> NVLMEngine:
@@ -87,6 +96,25 @@ class LoadedEngine:
                                   dialect=key, images=base.images, name=base.name)
                 self._views[key] = view
             return view
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The one scheduler (worker thread) that decodes every request on these weights, started on first use.
+
+        Requests prepared by any dialect view run on it: a prepared request carries its prompt
+        ids, and the views share the model, tokenizer and special token ids the scheduler uses.
+        """
+        with self._lock:
+            if self._scheduler is None:
+                self._scheduler = Scheduler(self.base, max_batch_size=MAX_BATCH_SIZE, max_queue=MAX_QUEUE)
+            return self._scheduler
+
+    def close(self) -> None:
+        """Stop the scheduler (if started); a later call starts a new one."""
+        with self._lock:
+            scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            scheduler.close()
 
     @property
     def grammars(self) -> Grammars:
@@ -135,7 +163,11 @@ def loaded_specs() -> list[EngineSpec]:
 
 
 def clear_engines() -> None:
-    """Forget every loaded engine (its memory is freed once no request holds it)."""
+    """Forget every loaded engine and stop its scheduler: running requests end "cancelled", queued
+    ones raise `SchedulerClosedError`; the memory is freed once no caller holds the engine."""
     with _registry_lock:
+        loaded = list(_engines.values())
         _engines.clear()
         _loading.clear()
+    for engine in loaded:
+        engine.close()

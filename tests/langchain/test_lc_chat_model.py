@@ -25,34 +25,34 @@ from shared_paths import TOKEN_SCALE
 from pydantic import BaseModel, Field, TypeAdapter
 from typing_extensions import TypedDict
 
-from nvlm_engine import CheckpointError, NVLMEngine
+from nvlm_engine import CheckpointError
+from nvlm_engine.scheduler import Scheduler
 from nvlm_langchain import ChatNVLM
 from nvlm_langchain.engines import get_engine, loaded_specs
 
 
 class Recorder:
-    """Wraps an engine's `run` and `stream_batch` (calling through) to see the requests and results."""
+    """Wraps the engine's scheduler (calling through) to see the requests it admits and their results.
 
-    def __init__(self, engine: NVLMEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    `batches` are the groups the scheduler prefilled together (requests queued at once, e.g. by
+    `batch`, are admitted as one group by an idle scheduler).
+    """
+
+    def __init__(self, scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch) -> None:
         self.batches: list[list[Any]] = []
         self.results: list[Any] = []
-        run, stream_batch = engine.run, engine.stream_batch
+        start, dispatch = scheduler._start, scheduler._dispatch
 
-        def recording_run(requests: Any) -> Any:
-            self.batches.append(list(requests))
-            results = run(requests)
-            self.results += results
-            return results
+        def recording_start(admitted: Any, batch: Any) -> Any:
+            self.batches.append([handle.request for _, handle in admitted])
+            return start(admitted, batch)
 
-        def recording_stream_batch(requests: Any) -> Any:
-            self.batches.append(list(requests))
-            for delta in stream_batch(requests):
-                if delta.result is not None:
-                    self.results.append(delta.result)
-                yield delta
+        def recording_dispatch(deltas: Any) -> None:
+            self.results += [d.result for d in deltas if d.result is not None and d.index in scheduler._handles]
+            dispatch(deltas)
 
-        monkeypatch.setattr(engine, "run", recording_run)
-        monkeypatch.setattr(engine, "stream_batch", recording_stream_batch)
+        monkeypatch.setattr(scheduler, "_start", recording_start)
+        monkeypatch.setattr(scheduler, "_dispatch", recording_dispatch)
 
     @property
     def requests(self) -> list[Any]:
@@ -61,7 +61,7 @@ class Recorder:
 
 @pytest.fixture
 def recorder(chat: ChatNVLM, monkeypatch: pytest.MonkeyPatch) -> Recorder:
-    return Recorder(chat.engine, monkeypatch)
+    return Recorder(get_engine(chat.engine_spec()).scheduler, monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +287,68 @@ async def test_abatch_is_one_engine_batch(chat, recorder) -> None:
     assert [r.content for r in results] == [(await chat.ainvoke(x)).content for x in ("Hello", "Hey")]
 
 
+CONCURRENT = ["Hello", "Name three colours.", "Hey", "What is the capital of France, and why?", "How are you?", "Count."]
+
+
+def _gate_first_prefill(scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch, expected: int) -> None:
+    """Holds the scheduler's first prefill until `expected` requests were submitted, so concurrent
+    callers deterministically overlap (the later ones then join the running batch)."""
+    submitted, everyone = [], threading.Event()
+    submit, start = scheduler.submit, scheduler._start
+
+    def counting_submit(*args: Any, **kwargs: Any) -> Any:
+        handle = submit(*args, **kwargs)
+        submitted.append(handle)
+        if len(submitted) >= expected:
+            everyone.set()
+        return handle
+
+    def gated_start(admitted: Any, batch: Any) -> Any:
+        assert everyone.wait(60), f"only {len(submitted)} of {expected} requests were submitted"
+        return start(admitted, batch)
+
+    monkeypatch.setattr(scheduler, "submit", counting_submit)
+    monkeypatch.setattr(scheduler, "_start", gated_start)
+    monkeypatch.setattr(scheduler, "max_rows", 0)
+
+
+def test_concurrent_invokes_from_threads_share_decode_batches(chat, monkeypatch) -> None:
+    sequential = [chat.invoke(q) for q in CONCURRENT]
+    scheduler = get_engine(chat.engine_spec()).scheduler
+    _gate_first_prefill(scheduler, monkeypatch, len(CONCURRENT))
+    answers: dict[int, AIMessage] = {}
+
+    def call(i: int) -> None:
+        answers[i] = chat.invoke(CONCURRENT[i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(CONCURRENT))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert [answers[i].content for i in range(len(CONCURRENT))] == [m.content for m in sequential]
+    assert [answers[i].usage_metadata for i in range(len(CONCURRENT))] == [m.usage_metadata for m in sequential]
+    assert scheduler.max_rows == len(CONCURRENT)  # all six decoded in the same steps, on one scheduler
+    assert scheduler.running == 0 and scheduler.queued == 0
+
+
+@pytest.mark.asyncio
+async def test_concurrent_astreams_and_ainvokes_share_decode_batches(chat, monkeypatch) -> None:
+    sequential = [chat.invoke(q).content for q in CONCURRENT[:4]]
+    scheduler = get_engine(chat.engine_spec()).scheduler
+    _gate_first_prefill(scheduler, monkeypatch, 4)
+
+    async def streamed(q: str) -> str:
+        return "".join([c.content async for c in chat.astream(q)])
+
+    async def invoked(q: str) -> str:
+        return (await chat.ainvoke(q)).content
+
+    answers = await asyncio.gather(*(streamed(q) if i % 2 else invoked(q) for i, q in enumerate(CONCURRENT[:4])))
+    assert list(answers) == sequential
+    assert scheduler.max_rows == 4
+
+
 # --- tools and structured output -----------------------------------------------------------------
 
 
@@ -431,6 +493,9 @@ def test_models_are_cheap_and_share_one_engine(chat, nvlm_alias) -> None:
     assert get_engine(twin.engine_spec()) is get_engine(chat.engine_spec())
     vllm = ChatNVLM(model=chat.model, dialect="vllm", **CHAT_PARAMS)
     assert vllm.engine is not chat.engine and vllm.engine.model is chat.engine.model
+    # Both dialects' requests run on the one scheduler of these weights, as their own engines would.
+    expected = vllm.engine.generate([{"role": "user", "content": "hi"}], max_new_tokens=12)
+    assert vllm.invoke("hi", max_tokens=12).content == expected.text
     assert chat.invoke("hi", model=nvlm_alias).response_metadata["model_name"] == nvlm_alias
 
 
