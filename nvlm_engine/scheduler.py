@@ -57,7 +57,7 @@ class RequestHandle:
         self.request.cancel.set()
 
     def __iter__(self) -> Iterator[str]:
-        for delta in self._read():
+        for delta in self.deltas():
             if delta.text:
                 yield delta.text
 
@@ -73,17 +73,19 @@ class RequestHandle:
                 self.cancel()
 
     def _read(self) -> Iterator[Delta]:
-        while True:
-            item = self._queue.get()
-            if isinstance(item, Delta):
-                yield item
-                if item.result is not None:
-                    return
-                continue
-            assert item is _END
-            if self.error is not None:
-                raise self.error
-            return
+        while (delta := self._unwrap(self._queue.get())) is not None:
+            yield delta
+            if delta.result is not None:
+                return
+
+    def _unwrap(self, item: object) -> Delta | None:
+        """A queued item as a delta; None at the end; the request's error raised if it failed."""
+        if isinstance(item, Delta):
+            return item
+        assert item is _END
+        if self.error is not None:
+            raise self.error
+        return None
 
     def wait(self) -> GenerationResult:
         """Block until the request is done and return its result."""
@@ -106,17 +108,10 @@ class RequestHandle:
         """The async `deltas()`: needs the handle submitted with `loop` set; leaving early cancels."""
         assert self._async_queue is not None, "submit(..., loop=asyncio.get_running_loop()) for async use"
         try:
-            while True:
-                item = await self._async_queue.get()
-                if isinstance(item, Delta):
-                    yield item
-                    if item.result is not None:
-                        return
-                    continue
-                assert item is _END
-                if self.error is not None:
-                    raise self.error
-                return
+            while (delta := self._unwrap(await self._async_queue.get())) is not None:
+                yield delta
+                if delta.result is not None:
+                    return
         finally:
             if self.result is None:  # the consumer left early: free the slot
                 self.cancel()
