@@ -88,3 +88,22 @@ class ContextLengthError(PromptError):
 
 class GenerationOptionsError(NVLMError):
     """A generation option is out of range (negative temperature, top_p outside (0, 1], ...)."""
+
+
+class SamplingError(NVLMError):
+    """No next token can be chosen from a row's logits: every id is forbidden, or they are not finite."""
+
+
+class RequestFailedError(NVLMError):
+    """One request failed while it was prefilled or decoded; it ended alone.
+
+    The other requests of its batch go on untouched. The message names the stage and the kind
+    of failure, never the request's content; the full cause is chained (`__cause__`) and logged.
+
+    Attributes:
+        stage: "prefill" (starting the request) or "decode" (choosing one of its tokens).
+    """
+
+    def __init__(self, message: str, *, stage: str) -> None:
+        super().__init__(message)
+        self.stage = stage

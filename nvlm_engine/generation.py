@@ -6,12 +6,17 @@ step, handing out text deltas as they become safe to show. Finished requests lea
 (their KV rows are dropped), so a long answer never waits on short ones and short ones never
 pay for long ones. Greedy outputs of a batch equal the one-by-one outputs.
 
+A failure that belongs to one request (seeding its generator, choosing its token, a prefill
+that fails only with it in the group) ends that request alone with a `RequestFailedError`;
+the rest of the batch goes on token for token as if it had never been there.
+
 Knows the model's forward functions and a tokenizer's `decode`; knows nothing of images on
 disk, prompt formats or public API shapes.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -19,9 +24,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import NVLMError, RequestFailedError
 from .model import LLMStep, NVLMModel, build_attention_mask
 from .sampling import SamplingOptions, TokenConstraint, apply_constraint, apply_repetition_penalty, sample_token
 from .textstream import Decoder, TextStream
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -74,11 +82,15 @@ class PreparedRequest:
 
 @dataclass(frozen=True)
 class Delta:
-    """Text that became safe to show for request `index`; `result` is set on its last delta."""
+    """Text that became safe to show for request `index`.
+
+    Its last delta has `result` set when it finished, or `error` set (and no result) when it failed.
+    """
 
     index: int
     text: str
     result: GenerationResult | None = None
+    error: RequestFailedError | None = None
 
 
 @dataclass(frozen=True)
@@ -176,18 +188,47 @@ class DecodeBatch:
     def start(
         cls, model: NVLMModel, requests: list[tuple[int, PreparedRequest]], decoder: Decoder, ids: TokenIds
     ) -> tuple[DecodeBatch, list[Delta]]:
-        """Prefill `(index, request)` pairs; requests cancelled before any compute end at once."""
+        """Prefill `(index, request)` pairs; requests cancelled before any compute end at once.
+
+        A request whose row cannot be built, or whose prefill fails, ends with an error delta;
+        the others are prefilled without it.
+        """
         device = model.language_model.lm_head.weight.device
-        rows = [_Row(i, r, decoder, device) for i, r in requests]
+        rows: list[_Row] = []
         done: list[Delta] = []
-        for row in rows:
-            if row.request.cancel.is_set():
+        for index, request in requests:
+            try:
+                row = _Row(index, request, decoder, device)
+            except Exception as e:  # e.g. seeding its generator: that request only
+                done.append(_failed(index, "prefill", "preparing its sampling state", e))
+                continue
+            if request.cancel.is_set():
                 row.finish_reason = "cancelled"
                 done.append(Delta(row.index, "", row.result()))
-        batch = cls(model, [row for row in rows if row.finish_reason is None], ids)
-        if batch.rows:
-            batch.logits, batch.step, batch.valid = prefill(model, [row.request for row in batch.rows], ids)
-        return batch, done
+            else:
+                rows.append(row)
+        batch, failed = cls._prefill(model, rows, ids)
+        return batch, done + failed
+
+    @classmethod
+    def _prefill(cls, model: NVLMModel, rows: list[_Row], ids: TokenIds) -> tuple[DecodeBatch, list[Delta]]:
+        """Prefill `rows` as one group; if that fails, one by one, so only the culprits fail."""
+        batch = cls(model, rows, ids)
+        if not rows:
+            return batch, []
+        try:
+            batch.logits, batch.step, batch.valid = prefill(model, [row.request for row in rows], ids)
+            return batch, []
+        except Exception as e:
+            if len(rows) == 1:
+                return cls(model, [], ids), [_failed(rows[0].index, "prefill", "prefilling its prompt", e)]
+            logger.warning("prefill of a group of %d requests failed; retrying them one by one", len(rows), exc_info=e)
+        batch, failed = cls(model, [], ids), []
+        for row in rows:
+            alone, errors = cls._prefill(model, [row], ids)
+            batch.merge(alone)
+            failed += errors
+        return batch, failed
 
     def merge(self, other: DecodeBatch) -> None:
         """Append `other`'s rows; the shorter cache is left-padded (padding is never attended)."""
@@ -211,14 +252,23 @@ class DecodeBatch:
         self.rows += other.rows
 
     def advance(self) -> list[Delta]:
-        """Choose one token per row, return the deltas, and compute the next logits."""
+        """Choose one token per row, return the deltas, and compute the next logits.
+
+        A row whose token cannot be chosen or recorded ends alone with an error delta.
+        """
         assert self.logits is not None and self.step is not None and self.valid is not None
         deltas: list[Delta] = []
         tokens: list[int] = []
         for i, row in enumerate(self.rows):
-            token = _choose(row, self.logits[i])
+            try:
+                token = _choose(row, self.logits[i])
+                delta = _advance(row, token, self.ids.end)
+            except Exception as e:  # this row's sampling or constraint: never the batch's
+                row.finish_reason = "error"
+                tokens.append(self.ids.pad)  # dropped with the row below
+                deltas.append(_failed(row.index, "decode", f"choosing token {len(row.generated) + 1}", e))
+                continue
             tokens.append(token)
-            delta = _advance(row, token, self.ids.end)
             if row.finish_reason is not None:
                 deltas.append(Delta(row.index, delta + row.stream.finish(), row.result()))
             elif delta:
@@ -245,13 +295,24 @@ def decode_requests(
 
     Each request ends on `<|im_end|>` or one of its stop token ids / stop strings ("stop"),
     after its `max_new_tokens` ("length"), or when its `cancel` event is set ("cancelled").
-    Exactly one `Delta` with `result` set is yielded per request; `Delta.index` is the
-    request's position in `requests`.
+    Exactly one final `Delta` is yielded per request, with `result` set, or with `error` set
+    when that request failed; `Delta.index` is the request's position in `requests`.
+
+    Raises:
+        RequestFailedError: the first request's failure, once every other request has ended,
+            so callers that expect one result per request never see one missing.
     """
+    failure: RequestFailedError | None = None
     batch, done = DecodeBatch.start(model, list(enumerate(requests)), decoder, ids)
-    yield from done
-    while batch.rows:
-        yield from batch.advance()
+    while True:
+        for delta in done:
+            failure = failure or delta.error
+            yield delta
+        if not batch.rows:
+            break
+        done = batch.advance()
+    if failure is not None:
+        raise failure
 
 
 def _left_pad(valid: torch.Tensor, length: int) -> torch.Tensor:
@@ -265,6 +326,19 @@ def _left_pad_cache(cache: object, length: int) -> None:
         if missing:
             layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, missing, 0))
             layer.values = torch.nn.functional.pad(layer.values, (0, 0, missing, 0))
+
+
+def _failed(index: int, stage: str, doing: str, cause: Exception) -> Delta:
+    """The final delta of a request that failed; the message names the failure, never the content."""
+    logger.warning("request %d failed while %s", index, doing, exc_info=cause)
+    detail = f"{type(cause).__name__}: {cause}" if isinstance(cause, NVLMError) else type(cause).__name__
+    error = RequestFailedError(
+        f"the request failed while {doing} ({detail}); the other requests were not affected. "
+        "Check its sampling options, images and constraint; the log has the full cause",
+        stage=stage,
+    )
+    error.__cause__ = cause
+    return Delta(index, "", error=error)
 
 
 def _choose(row: _Row, logits: torch.Tensor) -> int:

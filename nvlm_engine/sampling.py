@@ -7,15 +7,27 @@ of models, prompts or text.
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
-from .errors import GenerationOptionsError
+from .errors import GenerationOptionsError, SamplingError
 
 DEFAULT_MAX_NEW_TOKENS = 1024  # the model card's default
+
+GREEDY_BELOW = 1e-5
+"""Temperatures below this count as greedy (0): dividing logits by a tinier one overflows fp32
+to inf, the softmax turns NaN and sampling fails. At 1e-5 sampling is already argmax for any
+pair of logits more than ~1e-3 apart, so nothing a caller could want is lost."""
+
+SEED_MODULUS = 2**64
+"""Seeds are reduced modulo 2**64, the range `torch.Generator.manual_seed` accepts. Seeds
+already in [-2**63, 2**64) keep the stream torch gives them (it reads a negative seed as its
+two's complement, which is what the modulo yields)."""
 
 
 @dataclass(frozen=True)
@@ -24,12 +36,15 @@ class SamplingOptions:
 
     Attributes:
         max_new_tokens: generated tokens at most (the model card uses 1024).
-        temperature: 0 means greedy (the model card's setting); > 0 samples.
+        temperature: 0 means greedy (the model card's setting); > 0 samples. Finite; values
+            below `GREEDY_BELOW` (1e-5) are stored as 0, greedy, so no temperature can overflow
+            the logits.
         top_p: nucleus mass in (0, 1]; 1 disables it. (The checkpoint's `top_p: 0` is invalid
             and never used.)
         top_k: keep the k most likely tokens; 0 disables it.
-        repetition_penalty: > 0; 1 disables it (the CTRL rule, as transformers applies it).
-        seed: makes sampling reproducible per request, whatever else is in the batch.
+        repetition_penalty: finite and > 0; 1 disables it (the CTRL rule, as transformers applies it).
+        seed: makes sampling reproducible per request, whatever else is in the batch. Any
+            integer; stored reduced modulo 2**64 (`SEED_MODULUS`), so seeding never fails.
         stop: strings that end the answer; they are not included in the text.
         stop_token_ids: token ids that end the answer besides `<|im_end|>`.
     """
@@ -48,6 +63,8 @@ class SamplingOptions:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            object.__setattr__(self, name, _finite(name, getattr(self, name)))
         checks = [
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
@@ -58,6 +75,10 @@ class SamplingOptions:
         for ok, message in checks:
             if not ok:
                 raise GenerationOptionsError(message)
+        if self.temperature < GREEDY_BELOW:
+            object.__setattr__(self, "temperature", 0.0)
+        if self.seed is not None:
+            object.__setattr__(self, "seed", _seed(self.seed))
 
     @property
     def greedy(self) -> bool:
@@ -69,6 +90,27 @@ class SamplingOptions:
         g = torch.Generator(device=device)
         g.manual_seed(self.seed)
         return g
+
+
+def _finite(name: str, value: object) -> float:
+    """`value` as a finite float; NaN and infinities would poison the logits of the whole row."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as e:
+        raise GenerationOptionsError(f"{name} must be a number, got {type(value).__name__}") from e
+    if not math.isfinite(number):
+        raise GenerationOptionsError(f"{name} must be a finite number, got {number}")
+    return number
+
+
+def _seed(value: object) -> int:
+    """An integer seed reduced into [0, 2**64), which `torch.Generator.manual_seed` always accepts."""
+    if isinstance(value, bool):
+        raise GenerationOptionsError("seed must be an integer, got bool")
+    try:
+        return operator.index(value) % SEED_MODULUS  # type: ignore[arg-type]
+    except TypeError as e:
+        raise GenerationOptionsError(f"seed must be an integer, got {type(value).__name__}") from e
 
 
 def make_options(
@@ -114,8 +156,16 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 
 def sample_token(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> int:
-    """Pick the next token from one row of fp32 logits [V]."""
+    """Pick the next token from one row of fp32 logits [V].
+
+    Raises:
+        SamplingError: no token can be chosen (every id forbidden, or NaN). Checked before
+            `torch.multinomial`, which on CUDA fails with a device-side assert that poisons the
+            whole process instead of raising for this row.
+    """
     if options.greedy:
+        if bool(torch.isnan(logits).any() | ~(logits > float("-inf")).any()):
+            raise SamplingError("no next token can be chosen: the logits are NaN or every token is forbidden")
         return int(torch.argmax(logits))
     logits = logits / options.temperature
     if options.top_k and options.top_k < logits.shape[-1]:
@@ -128,6 +178,9 @@ def sample_token(logits: torch.Tensor, options: SamplingOptions, generator: torc
         drop = probs.cumsum(-1) - probs >= options.top_p
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = torch.softmax(logits, dim=-1)
+    if not bool(torch.isfinite(probs).all()):
+        raise SamplingError("no next token can be chosen: the probabilities are not finite "
+                            "(NaN or infinite logits, or every token forbidden)")
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

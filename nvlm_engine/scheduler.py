@@ -6,7 +6,8 @@ thread owns the model: between two decode steps it admits waiting requests (pref
 group and merged into the running batch), so a newcomer's first token never waits for the
 running answers to finish. The queue is bounded; a full queue is a typed error the caller can
 turn into "429 Too Many Requests". Cancelling a handle (a client went away) frees its row at
-the next step.
+the next step. A request that fails alone (its sampling, its seed, its prefill) gets its own
+`RequestFailedError` and the others go on; every error a handle raises is an `NVLMError`.
 
 Knows the engine's prepared requests and decode batch; knows nothing of HTTP or LangChain.
 """
@@ -21,7 +22,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator, 
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .errors import NVLMError
+from .errors import NVLMError, RequestFailedError
 from .generation import DecodeBatch, Delta, GenerationResult, PreparedRequest
 
 if TYPE_CHECKING:
@@ -208,8 +209,8 @@ class Scheduler:
                 continue
             self.max_rows = max(self.max_rows, len(batch.rows))
             try:
-                deltas = batch.advance()
-            except Exception as e:  # a failed step fails its requests, never the worker
+                deltas = batch.advance()  # a row that fails alone comes back as an error delta
+            except Exception as e:  # a failed decoder step fails its requests, never the worker
                 logger.exception("decode step failed")
                 self._fail([row.index for row in batch.rows], e)
                 batch = None
@@ -233,14 +234,15 @@ class Scheduler:
         return admitted
 
     def _start(self, admitted: list[tuple[int, RequestHandle]], batch: DecodeBatch | None) -> DecodeBatch | None:
+        """Prefill the admitted group and merge it; a request that fails alone gets its own error."""
         engine = self.engine
         try:
             fresh, done = DecodeBatch.start(
                 engine.model, [(i, h.request) for i, h in admitted], engine.tokenizer, engine.token_ids
             )
-        except Exception as e:
+        except Exception as e:  # not one request's fault (start isolates those): the group fails
             logger.exception("prefill failed")
-            self._fail([i for i, _ in admitted], e)
+            self._fail([i for i, _ in admitted], e, "prefill")
             return batch
         self._dispatch(done)
         if batch is None or not batch.rows:
@@ -253,7 +255,9 @@ class Scheduler:
             handle = self._handles.get(delta.index)
             if handle is None:
                 continue
-            if delta.result is not None:
+            if delta.error is not None:
+                self._fail([delta.index], delta.error)
+            elif delta.result is not None:
                 handle.result = delta.result
                 with self._lock:
                     del self._handles[delta.index]
@@ -261,7 +265,14 @@ class Scheduler:
             elif delta.text:
                 handle._put(Delta(0, delta.text))
 
-    def _fail(self, indices: list[int], error: Exception) -> None:
+    def _fail(self, indices: list[int], error: Exception, stage: str = "decode") -> None:
+        """End these requests with `error`, as an `NVLMError` so every caller can report it."""
+        if not isinstance(error, NVLMError):
+            cause = error
+            error = RequestFailedError(
+                f"the batch this request ran in failed ({type(cause).__name__}); retry it. "
+                "The log has the full cause", stage=stage)
+            error.__cause__ = cause
         for index in indices:
             with self._lock:
                 handle = self._handles.pop(index, None)

@@ -202,9 +202,15 @@ async def _complete(request: Request, handle: RequestHandle, model: str, feature
             handle.cancel()  # the client left: free the slot
         if time.monotonic() > deadline:
             handle.cancel()
-            await consume
+            try:
+                await consume
+            except NVLMError:
+                pass  # it failed while being cancelled: the timeout is still the answer
             return _error(504, f"request exceeded {settings.request_timeout_s:.0f}s and was cancelled", "timeout", "timeout")
-    text = consume.result()
+    try:
+        text = consume.result()
+    except NVLMError as e:  # this request failed alone (e.g. its sampling); never a 500
+        return _error(422, str(e), "server_error", type(e).__name__)
     result = handle.result
     assert result is not None
     _observe(metrics, result)
@@ -247,8 +253,13 @@ async def _sse(handle: RequestHandle, model: str, include_usage: bool, features:
             usage = schemas.usage_dict(result.usage.prompt_tokens, result.usage.completion_tokens)
             yield _event(schemas.chunk(cid, model, {}, usage=usage, empty_choices=True))
         yield b"data: [DONE]\n\n"
-    except NVLMError as e:
-        yield _event(schemas.error_body(str(e), kind="server_error"))
+    except NVLMError as e:  # this request failed alone: its own error event, then the normal end
+        yield _event(schemas.error_body(str(e), kind="server_error", code=type(e).__name__))
+        yield b"data: [DONE]\n\n"
+    except Exception:  # last line of defence: log it, never show it, still end the stream
+        logger.exception("stream failed")
+        yield _event(schemas.error_body("internal server error", kind="server_error"))
+        yield b"data: [DONE]\n\n"
     finally:
         if handle.result is None:  # client disconnected mid-stream
             handle.cancel()

@@ -2,7 +2,9 @@
 
 Unknown request fields are ignored (clients send many); known fields with the wrong type or
 out of range are a 400 with the field named. vLLM's sampling extensions `top_k` and
-`repetition_penalty` are accepted too.
+`repetition_penalty` are accepted too. Numbers must be finite (Python's JSON reader accepts
+`NaN` and `Infinity`, which would poison a whole decode batch) and seeds must fit 64 bits,
+signed or unsigned (what a torch generator takes); the engine makes tiny temperatures greedy.
 """
 
 from __future__ import annotations
@@ -79,11 +81,11 @@ class ChatCompletionRequest(_Lenient):
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(default=None, ge=0)
-    repetition_penalty: float | None = Field(default=None, gt=0)
-    seed: int | None = None
+    repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=1)
     tools: list[Tool] | None = None
