@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from nvlm_engine import (
@@ -17,6 +18,7 @@ from nvlm_engine import (
     NVLMEngine,
     UnsafeCheckpointError,
 )
+from nvlm_engine.generation import prefill
 from nvlm_engine.model import NVLMModel
 
 
@@ -72,6 +74,25 @@ def test_missing_folder_and_missing_config(tmp_path: Path) -> None:
 
 
 # --- loader ------------------------------------------------------------------------------
+
+
+def _assert_same_weights(model: NVLMModel, reference: NVLMModel, *, dtype: torch.dtype = torch.float32) -> None:
+    """Every tensor of `model` is `reference`'s, in `dtype`: same names, values and dtypes."""
+    state, expected = model.state_dict(), reference.state_dict()
+    assert sorted(state) == sorted(expected)
+    for name, value in state.items():
+        assert value.dtype == dtype, name
+        assert torch.equal(value, expected[name].to(dtype)), name
+
+
+def _pixels(width: int, height: int, seed: int) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8).numpy())
+
+
+# 800x600 -> 3x2 grid + thumbnail: 7 tiles, 1,792 image tokens
+_IMAGE_PROMPT = [{"role": "user", "content": [{"type": "image", "image": _pixels(800, 600, 7)},
+                                              {"type": "text", "text": "Describe the picture."}]}]
 
 
 @pytest.fixture()
@@ -153,7 +174,7 @@ def test_shard_listed_in_index_but_absent(checkpoint_copy: Path) -> None:
         NVLMEngine.from_pretrained(checkpoint_copy, device_map="cpu")
 
 
-def test_pickled_checkpoint_is_refused_unless_allowed(checkpoint_copy: Path) -> None:
+def test_pickled_checkpoint_is_refused_unless_allowed(checkpoint_copy: Path, tiny_engine: NVLMEngine) -> None:
     state = {}
     for shard in sorted(checkpoint_copy.glob("model-*.safetensors")):
         state.update(load_file(shard))
@@ -163,7 +184,10 @@ def test_pickled_checkpoint_is_refused_unless_allowed(checkpoint_copy: Path) -> 
     with pytest.raises(UnsafeCheckpointError, match="allow_pickle=True"):
         NVLMEngine.from_pretrained(checkpoint_copy, device_map="cpu")
     engine = NVLMEngine.from_pretrained(checkpoint_copy, device_map="cpu", allow_pickle=True)
-    assert engine.generate([{"role": "user", "content": "hi"}], max_new_tokens=2).usage.completion_tokens >= 0
+    # allowed, the pickle loads to the very model the safetensors shards give, and answers alike
+    _assert_same_weights(engine.model, tiny_engine.model)
+    hi = [{"role": "user", "content": "hi"}]
+    assert engine.generate(hi, max_new_tokens=6).token_ids == tiny_engine.generate(hi, max_new_tokens=6).token_ids
 
 
 def test_remote_code_in_the_folder_is_never_executed(checkpoint_copy: Path) -> None:
@@ -181,9 +205,21 @@ def test_remote_code_in_the_folder_is_never_executed(checkpoint_copy: Path) -> N
 
 def test_same_checkpoint_loads_to_the_same_outputs_in_bf16(tiny_checkpoint: Path, tiny_engine: NVLMEngine) -> None:
     bf16 = NVLMEngine.from_pretrained(tiny_checkpoint, device_map="cpu", dtype="bfloat16")
-    assert next(bf16.model.language_model.parameters()).dtype == torch.bfloat16
-    result = bf16.generate([{"role": "user", "content": "hi"}], max_new_tokens=3)
-    assert result.usage.completion_tokens == 3 or result.finish_reason == "stop"
+    # the same weights: each is the float32 load rounded to bf16 (bf16-stored ones exactly as stored)
+    _assert_same_weights(bf16.model, tiny_engine.model, dtype=torch.bfloat16)
+    # the same outputs to bf16 precision: the fp32 next-token logits (about N(0, 1) in the tiny
+    # model) of a prompt with an image and of a short text prompt
+    for messages in (_IMAGE_PROMPT, [{"role": "user", "content": "hi"}]):
+        reference, request = tiny_engine.prepare(messages), bf16.prepare(messages)
+        assert request.prompt_ids == reference.prompt_ids
+        expected, _, _ = prefill(tiny_engine.model, [reference], tiny_engine.token_ids)
+        logits, _, _ = prefill(bf16.model, [request], bf16.token_ids)
+        torch.testing.assert_close(logits, expected, rtol=0, atol=0.2)  # fp32 logits; measured: at most 0.06
+    # and loading it again in bf16 gives the same answer, token for token
+    again = NVLMEngine.from_pretrained(tiny_checkpoint, device_map="cpu", dtype="bfloat16")
+    first = bf16.generate(_IMAGE_PROMPT, max_new_tokens=8)
+    assert first.usage.completion_tokens == 8
+    assert again.generate(_IMAGE_PROMPT, max_new_tokens=8).token_ids == first.token_ids
 
 
 def test_loader_reports_progress_per_shard(tiny_checkpoint: Path) -> None:

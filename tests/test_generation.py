@@ -62,11 +62,19 @@ def test_usage_counts_image_tokens(tiny_engine: NVLMEngine) -> None:
 
 
 def test_two_images_share_the_tile_budget(tiny_engine: NVLMEngine) -> None:
-    result = tiny_engine.generate(CONVERSATIONS[3], max_new_tokens=1)
-    # two images: max(1, 6 // 2) = 3 tiles each; 300x900 -> 1x3 + thumbnail, 500x500 -> 1 tile
-    assert result.usage.image_tokens == (4 + 1) * 256
-    wider = tiny_engine.generate(CONVERSATIONS[3], max_new_tokens=1, max_tiles=6)
-    assert wider.usage.image_tokens == (4 + 1) * 256 or wider.usage.image_tokens > result.usage.image_tokens
+    # Both images tile differently at 3 and at 6 tiles (SPEC section 5), so the budget shows:
+    # 1800x300 (6:1) -> 3x1 + thumbnail at 3, 6x1 + thumbnail at 6;
+    # 900x900 (810,000 px) -> 1x1 at 3 (no square grid fits), 2x2 + thumbnail at 6.
+    panorama, square = _image(1800, 300, 4), _image(900, 900, 5)
+    assert tiny_engine.images.max_tiles == 6
+    alone = tiny_engine.prepare(_user("Describe it.", panorama), max_new_tokens=1)
+    assert alone.pixel_values.shape[0] == 7 and alone.image_tokens == 7 * 256  # one image keeps all 6
+    shared = tiny_engine.generate(_user("Compare them.", panorama, square), max_new_tokens=1)
+    # two images: max(1, 6 // 2) = 3 tiles each
+    assert shared.usage.image_tokens == ((3 + 1) + 1) * 256
+    asked = tiny_engine.prepare(_user("Compare them.", panorama, square), max_new_tokens=1, max_tiles=6)
+    assert asked.pixel_values.shape[0] == (6 + 1) + (4 + 1)  # a request's max_tiles applies to each image
+    assert asked.image_tokens == 12 * 256
 
 
 def test_stream_concatenates_to_the_result(tiny_engine: NVLMEngine) -> None:

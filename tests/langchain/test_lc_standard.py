@@ -1,9 +1,12 @@
 """LangChain's standard chat-model suites, run on the tiny random checkpoint on CPU.
 
 Every plumbing test runs. Tests whose assertion needs a capable model (a specific answer, or
-free-text JSON strings that a random model never closes within max_tokens) are xfailed with
-that reason; the grammar-constrained paths they exercise are checked on bounded schemas in
-test_chat_model.py.
+free-text JSON strings that a random model never closes within max_tokens) are strict xfails
+that name the capability gap and the exception it raises, so that a crash in the plumbing is a
+failure, not an expected one; the grammar-constrained paths they exercise are checked on
+bounded schemas in test_lc_chat_model.py. Decoding is greedy, so each outcome is fixed for a
+given tokenizer: two tests differ between the real tokenizer and the demo one (see
+`test_tool_choice` and `test_tool_calling_with_no_arguments`), and are xfailed only where they fail.
 
 The suites download a PNG and a PDF over HTTP with `httpx.get`; here those come from local
 bytes (a network boundary fake: the model still reads real image and PDF files).
@@ -17,6 +20,7 @@ import pytest
 
 pytest.importorskip("langchain_tests")
 import httpx
+from langchain_core.exceptions import OutputParserException
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 from lc_inputs import CHAT_PARAMS, pdf_bytes, png_bytes, random_image
@@ -32,17 +36,30 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*marked with '@pytest.mark.asyncio' but it is not an async function"),
 ]
 
-NEEDS_CAPABLE_MODEL = "needs a capable model: random weights do not produce the expected answer"
+NEEDS_CAPABLE_MODEL = "capability gap of the tiny random model: random weights do not give the expected answer"
 NEEDS_CLOSED_STRINGS = (
-    "needs a capable model: with random weights the grammar keeps the JSON valid, but free-text strings are "
-    "never closed within max_tokens (bounded schemas are checked in test_chat_model.py)"
+    "capability gap of the tiny random model: the grammar keeps the JSON valid, but a random model never "
+    "closes a free-text string within max_tokens (bounded schemas are checked in test_lc_chat_model.py)"
 )
+
+
+def capability_gap(reason: str, raises: type[BaseException], *, condition: bool = True) -> pytest.MarkDecorator:
+    """A strict xfail for a test that only a capable model passes: `raises` is what its assertion raises."""
+    return pytest.mark.xfail(condition, reason=reason, raises=raises, strict=True)
+
+
 # The dict results (typeddict, json_schema) are checked for their keys only, which a valid
-# JSON prefix satisfies; the pydantic instance needs every string closed. The xfail is on that
-# parameter alone; the suite's override check wants a reasoned xfail mark on the method, which
-# this one is, with its condition off.
-SCHEMA_TYPES = [pytest.param("pydantic", marks=pytest.mark.xfail(reason=NEEDS_CLOSED_STRINGS)), "typeddict", "json_schema"]
-PYDANTIC_ONLY = pytest.mark.xfail(False, reason="only the pydantic parameter is expected to fail: " + NEEDS_CLOSED_STRINGS)
+# JSON prefix satisfies; the pydantic instance needs every string closed: its parser raises.
+# The xfail is on that parameter alone; the suite's override check wants a reasoned xfail mark
+# on the method, which PYDANTIC_ONLY is, with its condition off.
+NEEDS_CLOSED_JOKE = capability_gap(NEEDS_CLOSED_STRINGS + " (the Joke's setup string runs to max_tokens)",
+                                   OutputParserException)
+SCHEMA_TYPES = [pytest.param("pydantic", marks=NEEDS_CLOSED_JOKE), "typeddict", "json_schema"]
+PYDANTIC_ONLY = capability_gap("only the pydantic parameter is expected to fail: " + NEEDS_CLOSED_STRINGS,
+                               OutputParserException, condition=False)
+# The forced call's integer argument is random, not 3 (and with the real tokenizer a second call follows).
+MAGIC_FUNCTION_OF_3 = capability_gap(NEEDS_CAPABLE_MODEL + " (exactly one call, magic_function with input=3)",
+                                     AssertionError)
 _paths: dict[str, str] = {}
 
 
@@ -149,22 +166,22 @@ class TestChatNVLMIntegration(ChatModelIntegrationTests):
     def model_override_value(self) -> str:
         return _paths["alias"]
 
-    @pytest.mark.xfail(reason=NEEDS_CAPABLE_MODEL + " (magic_function called with input=3)")
+    @MAGIC_FUNCTION_OF_3
     @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
     def test_tool_calling(self, model: Any) -> None:
         super().test_tool_calling(model)
 
-    @pytest.mark.xfail(reason=NEEDS_CAPABLE_MODEL + " (magic_function called with input=3)")
+    @MAGIC_FUNCTION_OF_3
     async def test_tool_calling_async(self, model: Any) -> None:
         await super().test_tool_calling_async(model)
 
-    @pytest.mark.xfail(not HAS_REAL_TOKENIZER, reason=NEEDS_CLOSED_STRINGS + "; with the real tokenizer the "
-                       "seeded tiny model happens to pick the integer-argument tool, with the demo tokenizer it "
-                       "picks get_weather(location: str) and never closes the string")
+    @capability_gap(NEEDS_CLOSED_STRINGS + "; with the demo tokenizer the forced call picks get_weather(location: "
+                    "str) and never closes the string (no call), with the real tokenizer it picks the "
+                    "integer-argument tool and passes", AssertionError, condition=not HAS_REAL_TOKENIZER)
     def test_tool_choice(self, model: Any) -> None:
         super().test_tool_choice(model)
 
-    @pytest.mark.xfail(reason=NEEDS_CLOSED_STRINGS)
+    @capability_gap(NEEDS_CLOSED_STRINGS + " (greeting_generator's answer_style: no call completes)", AssertionError)
     def test_bind_runnables_as_tools(self, model: Any) -> None:
         super().test_bind_runnables_as_tools(model)
 
@@ -178,25 +195,30 @@ class TestChatNVLMIntegration(ChatModelIntegrationTests):
     async def test_structured_output_async(self, model: Any, schema_type: Any) -> None:
         await super().test_structured_output_async(model, schema_type)
 
-    @pytest.mark.xfail(reason=NEEDS_CLOSED_STRINGS)
+    @NEEDS_CLOSED_JOKE
     def test_structured_output_pydantic_2_v1(self, model: Any) -> None:
         super().test_structured_output_pydantic_2_v1(model)
 
-    @pytest.mark.xfail(reason=NEEDS_CAPABLE_MODEL + " (a JSON object with the joke's keys, asked for in words only)")
+    @capability_gap(NEEDS_CAPABLE_MODEL + " (a JSON object with the joke's keys, asked for in words only: JSON "
+                    "mode keeps it valid JSON, and the random model answers {})", OutputParserException)
     def test_json_mode(self, model: Any) -> None:
         super().test_json_mode(model)
 
-    @pytest.mark.xfail(reason=NEEDS_CAPABLE_MODEL + " (a tool call chosen without tool_choice)")
+    @capability_gap(NEEDS_CAPABLE_MODEL + " (a tool call chosen without tool_choice: it answers in text)",
+                    AssertionError)
     @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
     def test_agent_loop(self, model: Any) -> None:
         super().test_agent_loop(model)
 
-    @pytest.mark.xfail(reason=NEEDS_CAPABLE_MODEL + " (one call: a forced call may be followed by more, and a "
-                       "random model makes a second one; parallel_tool_calls=False makes it one, see test_chat_model.py)")
+    @capability_gap(NEEDS_CAPABLE_MODEL + " (exactly one call: a forced call may be followed by more; with the real "
+                    "tokenizer the random model makes a second one, with the demo tokenizer it stops after one and "
+                    "passes; parallel_tool_calls=False makes it one, see test_lc_chat_model.py)", AssertionError,
+                    condition=HAS_REAL_TOKENIZER)
     def test_tool_calling_with_no_arguments(self, model: Any) -> None:
         super().test_tool_calling_with_no_arguments(model)
 
-    @pytest.mark.xfail(reason=NEEDS_CAPABLE_MODEL + " (the customer name copied in Chinese and Japanese)")
+    @capability_gap(NEEDS_CLOSED_STRINGS + " (the forced unicode_customer call's customer_name: no call completes)",
+                    AssertionError)
     def test_unicode_tool_call_integration(self, model: Any, *, tool_choice: str | None = None,
                                            force_tool_call: bool = True) -> None:
         super().test_unicode_tool_call_integration(model, tool_choice=tool_choice, force_tool_call=force_tool_call)
