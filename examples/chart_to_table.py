@@ -84,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             device_map=args.device_map or ("cpu" if tiny else "auto"),
             dtype="float32" if tiny else None,  # None: bfloat16 on GPU, the engine's choice
         )
-        chain = build_chain(ChartTool(llm=llm))
+        # The tool reads local files only under root_dir: here, the folder of the chart we chose.
+        chain = build_chain(ChartTool(llm=llm, root_dir=Path(args.image).resolve().parent))
         summary = chain.invoke({"image": args.image, "question": args.question})
         if summary["csv"]:
             print(f"Table (CSV):\n{summary['csv']}")

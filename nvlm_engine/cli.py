@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 import torch
 
-from .checkpoint import INDEX_FILE, check_tensors, infer_dummy_heads, read_tensor_infos
+from .checkpoint import INDEX_FILE, check_tensors, files_inside, index_entry, infer_dummy_heads, read_tensor_infos
 from .config import NVLMConfig
 from .devices import parse_bytes, parse_gpu_spec, resolve_dtype
 from .errors import NVLMError
@@ -94,9 +94,11 @@ def load_footprint(path: Path, *, dtype: torch.dtype, quantization: str | None) 
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise NVLMError(f"{index} is not a valid safetensors index ({e}); re-download it.") from e
         names, stored_bytes = list(weight_map), (data.get("metadata") or {}).get("total_size")
-        shards = sorted({path / name for name in weight_map.values()})
+        # The loader's own path rules: relative names inside the folder, no links leading out.
+        shards = sorted({index_entry(path, name) for name in weight_map.values()})
         if not all(shard.is_file() for shard in shards):
             shards = []  # a metadata-only folder (or a partial download): names from the index
+        shards = files_inside(path, shards)
     if not shards:
         return Footprint.from_config(config, names=names, dtype=dtype, quantization=scheme, stored_bytes=stored_bytes)
     infos = read_tensor_infos(shards)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import reprlib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,22 @@ logger = logging.getLogger(__name__)
 # Megatron trained InternViT with tensor parallelism 8 and so padded the head count up to a
 # multiple of 8 with zero heads (SPEC section 2).
 _DUMMY_HEAD_MULTIPLE = 8
+
+# Upper bounds for a config.json: generous (7x or more the 72B values in the comments) but finite, so
+# that a hostile file fails here in microseconds instead of building a 10**7-layer model on
+# `meta` (97 s, 3 GB) or overflowing a storage size (vision width 10**9). The loader also checks
+# the sizes against the shard headers before building anything (`checkpoint.check_config`).
+MAX_LAYERS = 1024  # 80 LLM, 45 vision
+MAX_WIDTH = 1 << 16  # hidden sizes 8192, 3200
+MAX_INTERMEDIATE = 1 << 18  # 29568, 12800
+MAX_HEADS = 1024  # 64 (8 KV), 25 (+7 dummy)
+MAX_VOCAB = 1 << 20  # 152,064
+MAX_POSITIONS = 1 << 24  # 32,768
+MAX_IMAGE_SIZE = 4096  # 448
+MAX_CHANNELS = 16  # 3
+MAX_TILES = 256  # max_dynamic_patch 6
+MAX_ROPE_FACTOR = 1024.0  # 3
+MAX_CONFIG_BYTES = 1 << 20  # the published config.json is 3.7 KB
 
 
 @dataclass(frozen=True)
@@ -53,6 +71,18 @@ class VisionConfig:
     num_dummy_heads: int | None = None
 
     def __post_init__(self) -> None:
+        # Ranges first: every division below then has a positive divisor.
+        where = "vision_config"
+        _check_range(where, "hidden_size", self.hidden_size, 1, MAX_WIDTH)
+        _check_range(where, "intermediate_size", self.intermediate_size, 1, MAX_INTERMEDIATE)
+        _check_range(where, "num_attention_heads", self.num_attention_heads, 1, min(MAX_HEADS, self.hidden_size))
+        _check_range(where, "num_hidden_layers", self.num_hidden_layers, 1, MAX_LAYERS)
+        _check_range(where, "image_size", self.image_size, 1, MAX_IMAGE_SIZE)
+        _check_range(where, "patch_size", self.patch_size, 1, self.image_size)
+        _check_range(where, "num_channels", self.num_channels, 1, MAX_CHANNELS)
+        _check_range(where, "layer_norm_eps", self.layer_norm_eps, 0.0, 1.0, open_low=True)
+        if self.num_dummy_heads is not None:
+            _check_range(where, "dummy heads (from the qkv shape)", self.num_dummy_heads, 0, MAX_HEADS)
         if self.hidden_size % self.num_attention_heads:
             raise CheckpointError(
                 f"vision_config.hidden_size ({self.hidden_size}) is not divisible by "
@@ -104,6 +134,18 @@ class LLMConfig:
     eos_token_id: int = 151645
 
     def __post_init__(self) -> None:
+        # Ranges first: every division below then has a positive divisor.
+        where = "llm_config"
+        _check_range(where, "vocab_size", self.vocab_size, 1, MAX_VOCAB)
+        _check_range(where, "hidden_size", self.hidden_size, 1, MAX_WIDTH)
+        _check_range(where, "intermediate_size", self.intermediate_size, 1, MAX_INTERMEDIATE)
+        _check_range(where, "num_hidden_layers", self.num_hidden_layers, 1, MAX_LAYERS)
+        _check_range(where, "num_attention_heads", self.num_attention_heads, 1, min(MAX_HEADS, self.hidden_size))
+        _check_range(where, "num_key_value_heads", self.num_key_value_heads, 1, self.num_attention_heads)
+        _check_range(where, "max_position_embeddings", self.max_position_embeddings, 1, MAX_POSITIONS)
+        _check_range(where, "rms_norm_eps", self.rms_norm_eps, 0.0, 1.0, open_low=True)
+        _check_range(where, "rope_theta", self.rope_theta, 0.0, 1e12, open_low=True)
+        _check_range(where, "rope_scaling.factor", self.rope_scaling_factor, 0.0, MAX_ROPE_FACTOR, open_low=True)
         if self.hidden_size % self.num_attention_heads:
             raise CheckpointError(
                 f"llm_config.hidden_size ({self.hidden_size}) is not divisible by "
@@ -177,6 +219,8 @@ class NVLMConfig:
     def __post_init__(self) -> None:
         if self.ps_version not in ("v1", "v2"):
             raise CheckpointError(f"ps_version must be 'v1' or 'v2', got {self.ps_version!r}.")
+        _check_range("config.json", "downsample_ratio", self.downsample_ratio, 1 / 64, 1.0)
+        _check_range("config.json", "max_dynamic_patch", self.max_dynamic_patch, 1, MAX_TILES)
         grid = self.vision.image_size // self.vision.patch_size
         scale = int(round(1 / self.downsample_ratio))
         if scale * self.downsample_ratio != 1 or grid % scale:
@@ -205,33 +249,39 @@ class NVLMConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NVLMConfig:
-        """Parse the published `config.json` content. Unknown keys are ignored."""
-        architectures = data.get("architectures") or []
-        if data.get("model_type") != "NVLM_D" and "NVLM_D" not in architectures:
+        """Parse the published `config.json` content. Unknown keys are ignored.
+
+        Every field read is type-checked (a JSON string where an integer belongs, an array where
+        an object belongs, ...) and range-checked by the dataclasses; both are `CheckpointError`s
+        that name the field.
+        """
+        top = _Fields(data, "config.json")
+        architectures = top.texts("architectures")
+        model_type = top.text("model_type", "")
+        if model_type != "NVLM_D" and "NVLM_D" not in architectures:
             raise CheckpointError(
-                f"config.json describes model_type={data.get('model_type')!r} "
+                f"config.json describes model_type={model_type!r} "
                 f"(architectures={architectures}), not NVLM-D; point the engine at an NVLM-D checkpoint "
                 "such as nvidia/NVLM-D-72B."
             )
-        try:
-            vision_raw = data["vision_config"]
-            llm_raw = data["llm_config"]
-        except KeyError as e:
-            raise CheckpointError(f"config.json has no {e.args[0]!r} section; it is not an NVLM-D config.") from e
-        llm_arch = (llm_raw.get("architectures") or ["Qwen2ForCausalLM"])[0]
+        for section in ("vision_config", "llm_config"):
+            if section not in data:
+                raise CheckpointError(f"config.json has no {section!r} section; it is not an NVLM-D config.")
+        vision, llm = _Fields(data["vision_config"], "vision_config"), _Fields(data["llm_config"], "llm_config")
+        llm_arch = (llm.texts("architectures") or ["Qwen2ForCausalLM"])[0]
         if llm_arch != "Qwen2ForCausalLM":
             # The published file says model_type "llama"; architectures is what the reference reads.
             raise CheckpointError(f"llm_config.architectures is {llm_arch!r}; only Qwen2ForCausalLM is supported.")
         return cls(
-            vision=_parse_vision(vision_raw),
-            llm=_parse_llm(llm_raw),
-            downsample_ratio=float(data.get("downsample_ratio", 0.5)),
-            ps_version=str(data.get("ps_version", "v2")),
-            select_layer=int(data.get("select_layer", -1)),
-            max_dynamic_patch=int(data.get("max_dynamic_patch", 6)),
-            min_dynamic_patch=int(data.get("min_dynamic_patch", 1)),
-            use_thumbnail=bool(data.get("use_thumbnail", True)),
-            torch_dtype=str(data.get("torch_dtype") or "bfloat16"),
+            vision=_parse_vision(vision),
+            llm=_parse_llm(llm),
+            downsample_ratio=top.number("downsample_ratio", 0.5),
+            ps_version=top.text("ps_version", "v2"),
+            select_layer=top.integer("select_layer", -1),
+            max_dynamic_patch=top.integer("max_dynamic_patch", 6),
+            min_dynamic_patch=top.integer("min_dynamic_patch", 1),
+            use_thumbnail=top.flag("use_thumbnail", True),
+            torch_dtype=top.text("torch_dtype", "bfloat16"),
         )
 
     @classmethod
@@ -243,13 +293,7 @@ class NVLMConfig:
                 f"No config.json in {Path(folder)}: expected an NVLM-D checkpoint folder "
                 "(config.json, model.safetensors.index.json, *.safetensors, tokenizer files)."
             )
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path} is not readable JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}.")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(path, max_bytes=MAX_CONFIG_BYTES))
 
     def to_dict(self) -> dict[str, Any]:
         """The published schema (with its quirks), for writing test checkpoints."""
@@ -322,52 +366,178 @@ class NVLMConfig:
         }
 
 
-def _parse_vision(raw: dict[str, Any]) -> VisionConfig:
+def _parse_vision(raw: _Fields) -> VisionConfig:
     defaults = VisionConfig()
     return VisionConfig(
-        hidden_size=int(raw.get("hidden_size", defaults.hidden_size)),
-        intermediate_size=int(raw.get("intermediate_size", defaults.intermediate_size)),
-        num_attention_heads=int(raw.get("num_attention_heads", defaults.num_attention_heads)),
-        num_hidden_layers=int(raw.get("num_hidden_layers", defaults.num_hidden_layers)),
-        patch_size=int(raw.get("patch_size", defaults.patch_size)),
-        image_size=int(raw.get("image_size", defaults.image_size)),
-        num_channels=int(raw.get("num_channels", defaults.num_channels)),
-        layer_norm_eps=float(raw.get("layer_norm_eps", defaults.layer_norm_eps)),
-        norm_type=str(raw.get("norm_type", defaults.norm_type)),
-        qk_normalization=bool(raw.get("qk_normalization", defaults.qk_normalization)),
-        qkv_bias=bool(raw.get("qkv_bias", defaults.qkv_bias)),
-        hidden_act=str(raw.get("hidden_act", defaults.hidden_act)),
+        hidden_size=raw.integer("hidden_size", defaults.hidden_size),
+        intermediate_size=raw.integer("intermediate_size", defaults.intermediate_size),
+        num_attention_heads=raw.integer("num_attention_heads", defaults.num_attention_heads),
+        num_hidden_layers=raw.integer("num_hidden_layers", defaults.num_hidden_layers),
+        patch_size=raw.integer("patch_size", defaults.patch_size),
+        image_size=raw.integer("image_size", defaults.image_size),
+        num_channels=raw.integer("num_channels", defaults.num_channels),
+        layer_norm_eps=raw.number("layer_norm_eps", defaults.layer_norm_eps),
+        norm_type=raw.text("norm_type", defaults.norm_type),
+        qk_normalization=raw.flag("qk_normalization", defaults.qk_normalization),
+        qkv_bias=raw.flag("qkv_bias", defaults.qkv_bias),
+        hidden_act=raw.text("hidden_act", defaults.hidden_act),
     )
 
 
-def _parse_llm(raw: dict[str, Any]) -> LLMConfig:
+def _parse_llm(raw: _Fields) -> LLMConfig:
     defaults = LLMConfig()
-    scaling = raw.get("rope_scaling") or None
+    scaling = raw.section("rope_scaling")
     scaling_type = None
     factor = 1.0
-    if scaling:
-        scaling_type = scaling.get("type") or scaling.get("rope_type")
-        factor = float(scaling.get("factor", 1.0))
-    eos = raw.get("eos_token_id", defaults.eos_token_id)
-    if isinstance(eos, list):
+    if scaling is not None and scaling.raw:
+        scaling_type = scaling.text("type", "") or scaling.text("rope_type", "") or None
+        factor = scaling.number("factor", 1.0)
+    eos = raw.raw.get("eos_token_id")
+    if isinstance(eos, list) and eos:  # transformers allows a list of end tokens; the first is ours
         eos = eos[0]
+    eos = raw.integer("eos_token_id", defaults.eos_token_id, value=eos)
     # The generation fields (top_k 1, top_p 0, do_sample false) are deliberately not read: they
     # describe greedy decoding in a form OpenAI-style samplers reject (top_p 0). The engine's
     # own defaults are greedy, like the model card.
-    if raw.get("top_p") == 0:
+    if raw.raw.get("top_p") == 0:
         logger.debug("ignoring llm_config.top_p=0 from config.json (greedy is the engine default)")
-    return LLMConfig(
-        vocab_size=int(raw.get("vocab_size", defaults.vocab_size)),
-        hidden_size=int(raw.get("hidden_size", defaults.hidden_size)),
-        intermediate_size=int(raw.get("intermediate_size", defaults.intermediate_size)),
-        num_hidden_layers=int(raw.get("num_hidden_layers", defaults.num_hidden_layers)),
-        num_attention_heads=int(raw.get("num_attention_heads", defaults.num_attention_heads)),
-        num_key_value_heads=int(raw.get("num_key_value_heads") or raw.get("num_attention_heads", 8)),
-        rms_norm_eps=float(raw.get("rms_norm_eps", defaults.rms_norm_eps)),
-        rope_theta=float(raw.get("rope_theta", defaults.rope_theta)),
-        max_position_embeddings=int(raw.get("max_position_embeddings", defaults.max_position_embeddings)),
+    heads = raw.integer("num_attention_heads", defaults.num_attention_heads)
+    config = LLMConfig(
+        vocab_size=raw.integer("vocab_size", defaults.vocab_size),
+        hidden_size=raw.integer("hidden_size", defaults.hidden_size),
+        intermediate_size=raw.integer("intermediate_size", defaults.intermediate_size),
+        num_hidden_layers=raw.integer("num_hidden_layers", defaults.num_hidden_layers),
+        num_attention_heads=heads,
+        # Absent or null means one KV head per query head (transformers' rule); 0 is an error.
+        num_key_value_heads=raw.integer("num_key_value_heads", heads),
+        rms_norm_eps=raw.number("rms_norm_eps", defaults.rms_norm_eps),
+        rope_theta=raw.number("rope_theta", defaults.rope_theta),
+        max_position_embeddings=raw.integer("max_position_embeddings", defaults.max_position_embeddings),
         rope_scaling_type=scaling_type,
         rope_scaling_factor=factor,
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        eos_token_id=int(eos),
+        tie_word_embeddings=raw.flag("tie_word_embeddings", False),
+        eos_token_id=eos,
     )
+    # Here rather than in __post_init__: test configs are built with a small vocabulary first
+    # and get the tokenizer's end token afterwards.
+    _check_range("llm_config", "eos_token_id", config.eos_token_id, 0, config.vocab_size - 1)
+    return config
+
+
+# --- reading JSON files that may be hostile ---------------------------------------------------
+
+
+def read_json_object(path: Path, *, max_bytes: int) -> dict[str, Any]:
+    """The JSON object stored in `path`, read within bounds that a hostile file cannot get past.
+
+    At most `max_bytes + 1` bytes are read (a link to `/dev/zero` or a file that grows is cut
+    off), and nesting deeper than the parser's recursion limit is a `CheckpointError`, not a
+    `RecursionError`. Shared by the readers of config.json, the tensor index and the tokenizer config.
+
+    Raises:
+        CheckpointError: unreadable, larger than `max_bytes`, not JSON, too deep, or not an object.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+    except OSError as e:
+        raise CheckpointError(f"{path} is not readable JSON ({e}); re-download it.") from e
+    if len(raw) > max_bytes:
+        raise CheckpointError(
+            f"{path} is over {max_bytes:,} bytes, the limit for this file (the published NVLM-D-72B one "
+            "is far smaller): it is not a checkpoint file as published. Re-download it."
+        )
+    try:
+        data = json.loads(raw)
+    except RecursionError as e:
+        raise CheckpointError(
+            f"{path} is nested too deeply to parse (more than {sys.getrecursionlimit()} levels); "
+            "it is not a checkpoint file as published. Re-download it."
+        ) from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not readable JSON ({e}); re-download it.") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {_json_type(data)}; re-download it.")
+    return data
+
+
+class _Fields:
+    """Typed reads from one JSON object of config.json; a wrong type is a `CheckpointError` naming the field.
+
+    A missing key or JSON null takes the default, as in transformers' configs. Ranges are not
+    checked here but in the dataclasses' `__post_init__`, which also guards configs built in code.
+    """
+
+    def __init__(self, raw: Any, where: str) -> None:
+        if not isinstance(raw, dict):
+            raise CheckpointError(
+                f"config.json: {where} must be a JSON object, got {_json_type(raw)}. "
+                "The file is not an NVLM-D config as published; re-download it."
+            )
+        self.raw, self.where = raw, where
+
+    def _value(self, key: str, default: Any) -> Any:
+        value = self.raw.get(key)
+        return default if value is None else value
+
+    def _wrong(self, key: str, expected: str, value: Any) -> CheckpointError:
+        return CheckpointError(
+            f"config.json: {self.where}.{key} must be {expected}, got {_json_type(value)} {reprlib.repr(value)}. "
+            "Fix that field or re-download config.json."
+        )
+
+    def integer(self, key: str, default: int, *, value: Any = None) -> int:
+        value = self._value(key, default) if value is None else value
+        if isinstance(value, bool) or not isinstance(value, int):  # 2.5, "64" and true are not sizes
+            raise self._wrong(key, "an integer", value)
+        return value
+
+    def number(self, key: str, default: float) -> float:
+        value = self._value(key, default)
+        if not isinstance(value, bool) and isinstance(value, (int, float)):
+            try:
+                if math.isfinite(value):
+                    return float(value)
+            except OverflowError:  # an integer beyond any float
+                pass
+        raise self._wrong(key, "a finite number", value)
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self._value(key, default)
+        if isinstance(value, int) and value in (0, 1):  # 0/1 flags occur in these configs (use_llm_lora: 0)
+            return bool(value)
+        raise self._wrong(key, "true or false", value)
+
+    def text(self, key: str, default: str) -> str:
+        value = self._value(key, default)
+        if not isinstance(value, str):
+            raise self._wrong(key, "a string", value)
+        return value
+
+    def texts(self, key: str) -> list[str]:
+        value = self._value(key, [])
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise self._wrong(key, "an array of strings", value)
+        return value
+
+    def section(self, key: str) -> _Fields | None:
+        value = self.raw.get(key)
+        return None if value is None else _Fields(value, f"{self.where}.{key}")
+
+
+def _check_range(where: str, name: str, value: Any, low: float, high: float, *, open_low: bool = False) -> None:
+    """`low <= value <= high` (`low < value` with `open_low`); NaN and non-numbers fail too."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CheckpointError(f"{where}.{name} must be a number, got {_json_type(value)} {reprlib.repr(value)}.")
+    if not ((low < value) if open_low else (low <= value)) or not value <= high:
+        interval = f"{'(' if open_low else '['}{low:g}, {high:g}]"
+        raise CheckpointError(
+            f"{where}.{name} is {reprlib.repr(value)}; expected a value in {interval}. config.json does not "
+            "describe a usable NVLM-D model: fix that field or re-download the file."
+        )
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)

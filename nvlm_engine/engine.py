@@ -37,6 +37,15 @@ from .tokenizer import SpecialTokens, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
+# Characters of message text read per token of context; more is refused before tokenizing, so a
+# refused request costs at most this many characters per token of tokenizing. Text averages 2-5
+# characters a token (deeply indented code ~27); only long runs of spaces or dashes pass 32 (one
+# Qwen2.5 token holds up to 128 spaces), and a prompt mostly made of them is refused even if it fits.
+MAX_CHARS_PER_TOKEN = 32
+# Text of up to this many characters per token of context is tokenized whole without a pre-check
+# (~130k characters for 32k tokens: ~20 MB and a fraction of a second).
+_CHEAP_CHARS_PER_TOKEN = 4
+
 Message = Mapping[str, Any]
 ProgressCallback = Callable[[Path, int, int], None]
 
@@ -192,9 +201,10 @@ class NVLMEngine:
         started = time.perf_counter()
         # 2. Config, tokenizer, tensor headers; the model on `meta`, checked against the headers.
         config = NVLMConfig.from_folder(folder)
-        tokenizer = load_tokenizer(folder)
-        infos = read_tensor_infos(find_weight_files(folder, allow_pickle=allow_pickle))
-        config = infer_dummy_heads(config, infos)
+        infos = read_tensor_infos(find_weight_files(folder, allow_pickle=allow_pickle), allow_pickle=allow_pickle)
+        config = infer_dummy_heads(config, infos)  # also checks config.json's sizes against the headers
+        # After the sizes are checked: the tokenizer may not have more tokens than embedding rows.
+        tokenizer = load_tokenizer(folder, max_tokens=config.llm.vocab_size)
         limit = config.llm.max_context_length()
         context_length = context_length or config.llm.max_position_embeddings
         if not 0 < context_length <= limit:
@@ -310,6 +320,9 @@ class NVLMEngine:
             repetition_penalty=repetition_penalty, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
         )
         turns, sources = self._parse(messages)
+        # Text that cannot fit is refused before any image is read, and before it is tokenized
+        # whole: the cost of the check grows with the context length, not with the text.
+        self._check_text_length([p for _, parts in turns for p in parts if p is not None], sampling.max_new_tokens)
         per_image = max_tiles or max(1, self.images.max_tiles // max(1, len(sources)))
         tiled = [
             preprocess_image(
@@ -344,6 +357,30 @@ class NVLMEngine:
             preprocess_s=time.perf_counter() - started,
             constraint=constraint,
         )
+
+    def _check_text_length(self, texts: list[str], max_new_tokens: int) -> None:
+        """Refuse long text that cannot fit, at a cost bounded by the context length, not by the text."""
+        chars = sum(len(text) for text in texts)
+        if chars <= _CHEAP_CHARS_PER_TOKEN * self.context_length:
+            return  # cheap to tokenize whole: the exact count of the prompt decides, images included
+        room = max(self.context_length - max_new_tokens, 0)
+        if chars > MAX_CHARS_PER_TOKEN * room:
+            raise ContextLengthError(
+                f"The messages' text has {chars:,} characters; this engine reads at most {MAX_CHARS_PER_TOKEN} "
+                f"per token of the room the context leaves before tokenizing (context length {self.context_length} "
+                f"less max_new_tokens {max_new_tokens}: {room:,} tokens, {MAX_CHARS_PER_TOKEN * room:,} characters). "
+                "Shorten the conversation (runs of spaces or dashes count too), or lower max_new_tokens.",
+                prompt_tokens=-(-chars // self.prompts.max_token_chars),
+                max_new_tokens=max_new_tokens, context_length=self.context_length,
+            )
+        at_least = self.prompts.min_text_tokens(texts, room)
+        if at_least > room:
+            raise ContextLengthError(
+                f"The messages' text ({chars:,} characters) takes at least {at_least:,} tokens and max_new_tokens "
+                f"is {max_new_tokens}: more than the context length {self.context_length}. Shorten the "
+                "conversation, or lower max_new_tokens.",
+                prompt_tokens=at_least, max_new_tokens=max_new_tokens, context_length=self.context_length,
+            )
 
     def count_tokens(self, messages: Sequence[Message], *, max_tiles: int | None = None) -> int:
         """Prompt tokens of a conversation, image tokens included (images are read and tiled)."""

@@ -107,3 +107,26 @@ class RequestFailedError(NVLMError):
     def __init__(self, message: str, *, stage: str) -> None:
         super().__init__(message)
         self.stage = stage
+
+
+class ImageURLRefusedError(ImageSourceError):
+    """The fetch policy refuses an image URL or one of its redirects (scheme, host, address or hop count).
+
+    Raised before any connection to the refused destination is opened.
+    """
+
+
+class UnsafeCheckpointPathError(UnsafeCheckpointError):
+    """A weight file named by the index, or a symlink, leads outside the checkpoint folder.
+
+    Index entries must be plain relative names inside the folder; an absolute or `..` entry, or a
+    link whose target lies outside the folder, could make the loader read any file of the machine.
+    """
+
+
+class ImageAspectRatioError(ImageTooLargeError):
+    """The image is too elongated to tile (a 1x64,000,000 strip, say).
+
+    A subclass of `ImageTooLargeError` because the harm is the same: decoding and resizing
+    cost memory per row, so a strip within the pixel limit can still need gigabytes.
+    """

@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import http.client
 import io
 import logging
 import os
 import re
-import time
-import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
@@ -34,17 +31,20 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from nvlm_engine.errors import (
+    ImageAspectRatioError,
     ImageDecodeError,
     ImageError,
     ImageOptionsError,
     ImageSourceError,
     ImageTooLargeError,
 )
+from nvlm_engine.fetch import FetchPolicy, fetch_url
 
 __all__ = [
     "DEFAULT_FETCH_TIMEOUT_S",
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_PIXELS",
+    "MAX_ASPECT_RATIO",
     "ImageSource",
     "load_image",
     "to_rgb",
@@ -56,11 +56,16 @@ logger = logging.getLogger(__name__)
 # own bomb warning (89 MP), and small enough that the decoded RGB image stays under 200 MB.
 DEFAULT_MAX_PIXELS = 64_000_000
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
+# Longest side over shortest side, checked from the header with the pixel count. Pillow's cost
+# grows with the rows (a row-pointer and per-row work in decode, convert and resize: a 1x4,000,000
+# strip of 4 MP peaks ~280 MB above its pixels, 1x64,000,000 needs gigabytes), and the tile grids
+# cover at most 1:12, so a 1:100 strip is squashed 8x or more into its grid. Within 100:1 and
+# 64 MP an image has at most 80,000 rows, whose per-row overhead is a few MB.
+MAX_ASPECT_RATIO = 100
 DEFAULT_FETCH_TIMEOUT_S = 10.0
 
 ImageSource = Union[str, os.PathLike[str], bytes, bytearray, memoryview, Image.Image]
 
-_FETCH_CHUNK = 64 * 1024
 _EXIF_ORIENTATION = 0x0112
 _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
@@ -75,6 +80,7 @@ def load_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
     fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S,
+    fetch_policy: FetchPolicy | None = None,
 ) -> Image.Image:
     """Read an image from any supported source and return it upright, in RGB.
 
@@ -101,6 +107,9 @@ def load_image(
             read incrementally and at most `max_bytes + 1` bytes are ever read.
         fetch_timeout_s: the socket timeout of a URL fetch, and the deadline of the whole
             download.
+        fetch_policy: where a fetched URL and each of its redirects may go (see
+            `nvlm_engine.fetch.FetchPolicy`). None is `FetchPolicy()`: http and https, any
+            host, public addresses only, at most 3 redirects.
 
     Returns:
         A fully loaded `PIL.Image.Image` in mode "RGB" (the given object itself when a PIL
@@ -109,7 +118,10 @@ def load_image(
     Raises:
         ImageSourceError: the source is missing, of an unsupported kind, a URL while
             fetching is off, or the download failed or timed out.
-        ImageTooLargeError: more than `max_pixels` pixels or `max_bytes` bytes.
+        ImageURLRefusedError: `fetch_policy` refuses the URL or one of its redirects
+            (a subclass of ImageSourceError).
+        ImageTooLargeError: more than `max_pixels` pixels or `max_bytes` bytes; its subclass
+            ImageAspectRatioError for an image beyond `MAX_ASPECT_RATIO`:1 (checked from the header).
         ImageDecodeError: the data is not a readable image (corrupt, truncated, unknown).
         ImageOptionsError: a limit is not positive.
     """
@@ -121,7 +133,8 @@ def load_image(
     if isinstance(source, Image.Image):
         return _finish(source, "PIL image", max_pixels)
     data, label = read_source(
-        source, allow_url_fetch=allow_url_fetch, max_bytes=max_bytes, fetch_timeout_s=fetch_timeout_s
+        source, allow_url_fetch=allow_url_fetch, max_bytes=max_bytes, fetch_timeout_s=fetch_timeout_s,
+        fetch_policy=fetch_policy,
     )
     return _decode(data, label, max_pixels)
 
@@ -173,7 +186,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def read_source(
-    source: object, *, allow_url_fetch: bool, max_bytes: int, fetch_timeout_s: float
+    source: object,
+    *,
+    allow_url_fetch: bool,
+    max_bytes: int,
+    fetch_timeout_s: float,
+    fetch_policy: FetchPolicy | None = None,
 ) -> tuple[bytes, str]:
     """The encoded bytes of an image source (path, bytes, base64, data or http(s) URL) and a label naming it.
 
@@ -201,7 +219,9 @@ def read_source(
                 f"refusing to fetch {url!r}: URL fetching is off; pass allow_url_fetch=True "
                 "if the URL comes from a trusted source, or download the image and pass the bytes"
             )
-        return _fetch_url(url, max_bytes=max_bytes, timeout_s=fetch_timeout_s)
+        data = fetch_url(url, fetch_policy or FetchPolicy(), max_bytes=max_bytes, timeout_s=fetch_timeout_s)
+        # No Content-Type or other response text in the label: it reaches error messages.
+        return data, f"URL {url!r}"
     if head.startswith("data:"):
         return _read_data_url(source.strip(), max_bytes)
     if head.startswith("file:"):
@@ -279,45 +299,6 @@ def _strict_b64decode(text: str) -> bytes | None:
         return None
 
 
-def _fetch_url(url: str, *, max_bytes: int, timeout_s: float) -> tuple[bytes, str]:
-    label = f"URL {url!r}"
-    request = urllib.request.Request(url, headers={"User-Agent": "nvlm-engine", "Accept": "image/*"})
-    # The socket timeout bounds each connect/recv; the deadline bounds a server that drips
-    # bytes slowly enough to never trip the socket timeout.
-    deadline = time.monotonic() + timeout_s
-    chunks: list[bytes] = []
-    total = 0
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            declared = response.headers.get("Content-Length", "")
-            if declared.isdigit():
-                _check_byte_count(int(declared), max_bytes, label)
-            content_type = response.headers.get_content_type()
-            while True:
-                # read1: whatever one recv brings, so the deadline is checked as bytes trickle in.
-                chunk = response.read1(min(_FETCH_CHUNK, max_bytes + 1 - total))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                total += len(chunk)
-                _check_byte_count(total, max_bytes, label)
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"download took longer than {timeout_s} s")
-    except ImageError:
-        raise
-    except urllib.error.HTTPError as e:
-        raise ImageSourceError(f"fetching {label} failed: HTTP {e.code} {e.reason}") from e
-    except (OSError, http.client.HTTPException, ValueError) as e:
-        # URLError and socket timeouts are OSErrors; a malformed response is an HTTPException;
-        # a malformed URL is a ValueError.
-        reason = getattr(e, "reason", e)
-        raise ImageSourceError(
-            f"fetching {label} failed ({reason}); check the URL and the network, or raise "
-            f"fetch_timeout_s (now {timeout_s} s)"
-        ) from e
-    return b"".join(chunks), f"{label} (Content-Type {content_type})"
-
-
 def _check_byte_count(n: int, max_bytes: int, label: str) -> None:
     if n > max_bytes:
         raise ImageTooLargeError(
@@ -346,8 +327,8 @@ def _decode(data: bytes, label: str, max_pixels: int) -> Image.Image:
             raise ImageTooLargeError(f"{label}: {e}; downscale the image") from e
         except Image.UnidentifiedImageError as e:
             raise ImageDecodeError(
-                f"{label} is not an image format Pillow can read (starts with {data[:8]!r}); "
-                f"{_RESAVE_HINT}"
+                # The bytes themselves stay out: they may be a fetched page or a local file.
+                f"{label} is not an image format Pillow can read; {_RESAVE_HINT}"
             ) from e
         except Exception as e:
             raise ImageDecodeError(
@@ -378,6 +359,14 @@ def _check_pixels(image: Image.Image, label: str, max_pixels: int) -> None:
         raise ImageTooLargeError(
             f"{label} is {width}x{height} = {width * height:,} pixels, above max_pixels={max_pixels:,} "
             "(a possible decompression bomb); downscale it, or raise max_pixels if you trust it"
+        )
+    # A strip is refused from its header too, before its pixels are decoded (see MAX_ASPECT_RATIO).
+    long_side, short_side = max(width, height), min(width, height)
+    if long_side > MAX_ASPECT_RATIO * short_side:
+        raise ImageAspectRatioError(
+            f"{label} is {width}x{height}, an aspect ratio of {long_side / short_side:,.0f}:1, beyond the "
+            f"{MAX_ASPECT_RATIO}:1 this engine tiles (tile grids cover at most 12:1, and such a strip costs "
+            f"memory per row); crop it, or cut it into parts of at most {MAX_ASPECT_RATIO}:1 sent as separate images"
         )
 
 

@@ -5,27 +5,36 @@ card, and vLLM's OpenAI server) and how an image becomes tile tags plus pad toke
 not know pixels: how many tiles an image gets is decided by the image preprocessing, and
 the caller passes it in as `ImageSlot(num_tiles)`. It knows nothing about the model either.
 
-Images are structural: the prompt is built as a sequence of text pieces and image slots,
-never by searching user text, so a user who types `<image>` gets those characters as text.
-Token ids are produced by splicing: only the text between pad runs is tokenized, and the
-pad ids are inserted directly. `<|vision_pad|>` is an added token, so the tokenizer cuts the
-text at it before pre-tokenizing; tokenizing the pieces separately therefore gives exactly
-the ids of the whole string, without running BPE over 256 pad tokens per tile.
+Images and control tokens are structural: the prompt is built as a sequence of text pieces,
+control tokens the layout itself writes (`<|im_start|>`, `<|im_end|>`) and image slots, never by
+searching message text. A user who types `<image>` or `<|im_end|>` gets those characters as
+text: message text is tokenized with special tokens not matched, so no one can forge a turn
+boundary (the reference would turn a typed `<|im_end|>` into the control token).
+Token ids are produced by splicing: only the text between control tokens and pad runs is
+tokenized, and their ids are inserted directly. Added tokens cut the text before
+pre-tokenization, so tokenizing the pieces separately gives exactly the ids of the whole
+string whenever the text holds no special-token strings, without running BPE over 256 pad
+tokens per tile.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import logging
+import re
 import secrets
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
 from nvlm_engine.errors import CheckpointError, PromptError
-from nvlm_engine.tokenizer import IM_END, IM_START, VISION_PAD, SpecialTokens
+from nvlm_engine.tokenizer import ENDOFTEXT, IM_END, IM_START, VISION_PAD, SpecialTokens
 
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
@@ -44,6 +53,16 @@ DEFAULT_SYSTEM_PROMPT = "Answer the questions."
 QWEN_DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 _ROLES = ("system", "user", "assistant")
+
+# `min_text_tokens` tokenizes long text in pieces of this many characters (~10 MB of token data
+# each), allowing each cut between pieces to have saved this many tokens (a cut changes the count
+# by a token or two: the word or space run it splits, a combining mark it separates).
+_COUNT_CHUNK_CHARS = 1 << 16
+_TOKENS_PER_CUT = 8
+
+
+class _Control(str):
+    """A control token that the layout itself writes: spliced in by id, never searched for in text."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +167,10 @@ class PromptBuilder:
         self.tokens_per_tile = tokens_per_tile
         # Ids from an image's first pad to its last pad depend on num_tiles only: cached.
         self._body_ids: dict[int, tuple[int, ...]] = {}
+        self._control_ids = _control_ids(tokenizer, self.special)
+        # Longest first, so that no control token is cut at a shorter one it starts with.
+        self._controls = re.compile("|".join(map(re.escape, sorted(self._control_ids, key=len, reverse=True))))
+        self._literal = _literal_backend(tokenizer)
 
     def build(self, messages: Sequence[PromptMessage], *, add_generation_prompt: bool = True) -> Prompt:
         """Tokenizes a conversation.
@@ -163,13 +186,19 @@ class PromptBuilder:
         Raises:
             PromptError: an empty conversation, an unknown role, a system message after the
                 first, an image outside a user message, a text holding `<|vision_pad|>`, or a
-                final assistant message while `add_generation_prompt` is true.
+                final assistant message while `add_generation_prompt` is true; in the VLLM
+                dialect, a chat template that does not copy message contents verbatim.
         """
         segments = self._segments(messages, add_generation_prompt)
         ids: list[int] = []
-        pending: list[str] = []  # text since the last pad, tokenized as one string
+        pending: list[str] = []  # text since the last control token or pad, tokenized as one string
         num_images = 0
         for segment in segments:
+            if isinstance(segment, _Control):
+                ids += self._encode("".join(pending))
+                ids.append(self._control_ids[segment])
+                pending = []
+                continue
             if isinstance(segment, str):
                 pending.append(segment)
                 continue
@@ -200,8 +229,10 @@ class PromptBuilder:
     def render(self, messages: Sequence[PromptMessage], *, add_generation_prompt: bool = True) -> str:
         """Returns the prompt as text, images expanded to tile tags and literal pad tokens.
 
-        Tokenizing this string gives `build(...).token_ids`; it is meant for logs and tests
-        (one image adds 256 to 1,792 `<|vision_pad|>` strings).
+        Tokenizing this string gives `build(...).token_ids` when the message texts hold no
+        special-token strings (`build` keeps a typed `<|im_end|>` as text; this string cannot
+        show the difference); it is meant for logs and tests (one image adds 256 to 1,792
+        `<|vision_pad|>` strings).
 
         Raises:
             PromptError: as `build`.
@@ -216,6 +247,51 @@ class PromptBuilder:
             body = pads + "".join(tag + pads for tag in _tile_tags(segment.num_tiles)[1:])
             out.append(head + body + tail)
         return "".join(out)
+
+    def min_text_tokens(self, texts: Sequence[str], limit: int) -> int:
+        """At least how many tokens `texts` take, tokenizing no more than needed to compare with `limit`.
+
+        For deciding whether a request can fit its context before building it, at a cost that
+        grows with `limit`, not with the texts (30 MB of text is refused at once, where
+        tokenizing it whole takes seconds and gigabytes).
+
+        1. No token holds more characters than `max_token_chars`, so `ceil(chars / max_token_chars)`
+           is a bound, returned without tokenizing when it already passes `limit`.
+        2. Otherwise the texts are tokenized in pieces of 65,536 characters, stopping as soon as
+           the count passes `limit`; 8 tokens are allowed per cut between pieces.
+
+        A text counted alone may differ by a token at its edges from its count inside a prompt,
+        which the layout's own tokens (at least 2 per message) make up for.
+
+        Args:
+            texts: the message texts.
+            limit: the most tokens the caller can accept.
+
+        Returns:
+            A count that is more than `limit` only if the texts take more than `limit` tokens.
+        """
+        chars = sum(len(text) for text in texts)
+        bound = -(-chars // self.max_token_chars)
+        if bound > limit:
+            return bound
+        count = 0
+        for text in texts:
+            for start in range(0, len(text), _COUNT_CHUNK_CHARS):
+                count += len(self._encode(text[start : start + _COUNT_CHUNK_CHARS]))
+                if start + _COUNT_CHUNK_CHARS < len(text):
+                    count -= _TOKENS_PER_CUT
+                if count > limit:
+                    return count
+        return max(count, bound)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token can hold: the longest vocabulary entry (128 for Qwen2.5, spaces).
+
+        Byte-level vocabulary entries are one character per byte, and every character of a text
+        is at least one byte of its tokens.
+        """
+        return max(max(map(len, self.tokenizer.get_vocab()), default=1), 1)
 
     # --- 1. validate, 2. lay out in the dialect ------------------------------------------
 
@@ -233,42 +309,81 @@ class PromptBuilder:
         self, system: str | None, turns: list[PromptMessage], add_generation_prompt: bool
     ) -> list[str | ImageSlot]:
         # vLLM writes a literal "<image>" per image and the template copies message contents
-        # verbatim. A random marker no user can guess stands in for it here, so the rendered
-        # text can be cut at the images without searching user text for "<image>" (vLLM itself
-        # would take a typed "<image>" for a placeholder; here it stays text).
-        marker = f"<image-{secrets.token_hex(16)}>"
-        conversation: list[dict[str, str]] = []
+        # verbatim. Random markers no user can guess stand in for the images and the message
+        # texts, so the rendered prompt can be cut into the template's own text (searched for
+        # control tokens), message texts (never searched) and image slots. vLLM itself would
+        # take a typed "<image>" for a placeholder and a typed "<|im_end|>" for the control token.
+        nonce = secrets.token_hex(16)
+        image_marker = f"<image-{nonce}>"
+        texts: list[str] = []
+        conversation: list[dict[str, str]] = []  # as vLLM renders it
+        marked: list[dict[str, str]] = []  # the same with markers for the texts
+
+        def add(role: str, placeholders: list[str], text: str) -> None:
+            marked.append({"role": role, "content": "\n".join([*placeholders, f"<text{len(texts)}-{nonce}>"])})
+            conversation.append({"role": role, "content": "\n".join([*placeholders, text])})
+            texts.append(text)
+
         if system is not None:  # None: the template writes its own default system turn
-            conversation.append({"role": "system", "content": system})
+            add("system", [], system)
         slots: list[ImageSlot] = []
         for message in turns:
             images = [part for part in message.parts if isinstance(part, ImageSlot)]
             slots += images
             # vLLM joins a message's text parts with "\n" and puts the placeholders of its
             # images first, "\n"-joined before the text: "<image>\n<image>\nText".
-            content = "\n".join([marker] * len(images) + ["\n".join(_texts(message))])
-            conversation.append({"role": message.role, "content": content})
+            add(message.role, [image_marker] * len(images), "\n".join(_texts(message)))
+        pieces = re.split(f"<(image|text\\d+)-{nonce}>", self._apply_template(marked, add_generation_prompt))
+        segments: list[str | ImageSlot] = []
+        kept = 0  # image placeholders found
+        for i, piece in enumerate(pieces):
+            if i % 2 == 0:
+                segments += self._template_text(piece)
+            elif piece == "image":
+                segments += slots[kept : kept + 1]
+                kept += 1
+            else:
+                segments.append(texts[int(piece[len("text") :])])
+        if kept != len(slots):
+            raise PromptError(
+                f"the chat template kept {kept} of {len(slots)} image placeholders; "
+                "it must copy message contents verbatim. Use PromptDialect.REFERENCE or fix the template."
+            )
+        rendered = "".join(image_marker if isinstance(seg, ImageSlot) else seg for seg in segments)
+        if rendered != self._apply_template(conversation, add_generation_prompt):
+            raise PromptError(
+                "the chat template changes message texts (trims or escapes them, say); it must copy "
+                "message contents verbatim. Use PromptDialect.REFERENCE or fix the template."
+            )
+        return segments
+
+    def _apply_template(self, conversation: list[dict[str, str]], add_generation_prompt: bool) -> str:
         rendered = self.tokenizer.apply_chat_template(
             conversation, tokenize=False, add_generation_prompt=add_generation_prompt
         )
         assert isinstance(rendered, str)  # tokenize=False returns the text
-        pieces = rendered.split(marker)
-        if len(pieces) != len(slots) + 1:
-            raise PromptError(
-                f"the chat template kept {len(pieces) - 1} of {len(slots)} image placeholders; "
-                "it must copy message contents verbatim. Use PromptDialect.REFERENCE or fix the template."
-            )
-        segments: list[str | ImageSlot] = [pieces[0]]
-        for slot, piece in zip(slots, pieces[1:]):
-            segments += [slot, piece]
-        return segments
+        return rendered
+
+    def _template_text(self, text: str) -> list[str]:
+        """The template's own text, with the control tokens it writes marked as such."""
+        out: list[str] = []
+        position = 0
+        for match in self._controls.finditer(text):
+            out += [text[position : match.start()], _Control(match.group())]
+            position = match.end()
+        out.append(text[position:])
+        return out
 
     # --- 3. tokenize ---------------------------------------------------------------------
 
     def _encode(self, text: str) -> list[int]:
+        # Text, never control tokens: special tokens are not matched (non-special added tokens
+        # such as <tool_call> still are, as in the reference).
         if not text:
             return []
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        if self._literal is None:
+            return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+        return self._literal.encode(text, add_special_tokens=False).ids
 
     def _image_body_ids(self, num_tiles: int) -> tuple[int, ...]:
         # P <tile_2> P ... <tile_global_thumbnail> P: the tags sit between pads, so they are
@@ -281,6 +396,42 @@ class PromptBuilder:
                 ids += self._encode(tag) + pads
             body = self._body_ids[num_tiles] = tuple(ids)
         return body
+
+
+def _control_ids(tokenizer: PreTrainedTokenizerBase, special: SpecialTokens) -> dict[str, int]:
+    """Control tokens by content: every special added token (a chat template may write any) and
+    the four the engine relies on, whatever their flag."""
+    ids = {token.content: token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special}
+    ids.update(
+        {IM_START: special.im_start, IM_END: special.im_end, ENDOFTEXT: special.endoftext, VISION_PAD: special.vision_pad}
+    )
+    return ids
+
+
+# One literal copy per tokenizer, shared by its builders (weak: it goes with the tokenizer).
+_LITERAL_BACKENDS: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, Tokenizer] = weakref.WeakKeyDictionary()
+_LITERAL_LOCK = threading.Lock()
+
+
+def _literal_backend(tokenizer: PreTrainedTokenizerBase) -> Tokenizer | None:
+    """A copy of the fast tokenizer's backend that never matches special tokens; None for a slow tokenizer.
+
+    transformers' `encode(..., split_special_tokens=True)` sets a flag on the shared Rust backend
+    and leaves it set, so callers in other threads would flip each other's tokenization. A
+    private copy with the flag set for good is safe to share (0.6 s and ~20 MB for Qwen2.5, once).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not isinstance(backend, Tokenizer):
+        return None  # a slow tokenizer reads split_special_tokens per call
+    with _LITERAL_LOCK:
+        literal = _LITERAL_BACKENDS.get(tokenizer)
+        if literal is None:
+            literal = Tokenizer.from_str(backend.to_str())
+            literal.encode_special_tokens = True
+            literal.no_truncation()  # whatever a caller of the wrapper had left set
+            literal.no_padding()
+            _LITERAL_BACKENDS[tokenizer] = literal
+    return literal
 
 
 def _tile_tags(num_tiles: int) -> list[str]:
@@ -305,9 +456,9 @@ def _reference_segments(
         system = DEFAULT_SYSTEM_PROMPT
     segments: list[str | ImageSlot] = []
     if system:  # "" means no system turn at all
-        segments.append(f"{IM_START}system\n{system}{IM_END}")
+        segments += [_Control(IM_START), f"system\n{system}", _Control(IM_END)]
     for message in turns:
-        segments.append(f"{IM_START}{message.role}\n")
+        segments += [_Control(IM_START), f"{message.role}\n"]
         num_images = sum(isinstance(part, ImageSlot) for part in message.parts)
         k = 0
         for part in message.parts:
@@ -318,9 +469,9 @@ def _reference_segments(
             # the card's multi-image layout, numbered within the message.
             k += 1
             segments += ["" if num_images == 1 else f"Image-{k}: ", part, "\n"]
-        segments.append(IM_END)
+        segments.append(_Control(IM_END))
     if add_generation_prompt:
-        segments.append(f"{IM_START}assistant\n")
+        segments += [_Control(IM_START), "assistant\n"]
     return segments
 
 

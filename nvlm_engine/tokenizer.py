@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import reprlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from nvlm_engine.config import MAX_VOCAB, read_json_object
 from nvlm_engine.errors import CheckpointError
 
 __all__ = [
@@ -145,6 +147,14 @@ _VOCAB_FILE = "vocab.json"
 _MERGES_FILE = "merges.txt"
 _CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
+# Bounds on the tokenizer files, checked before any of them is parsed, so that parsing time stays
+# a small multiple of a real load whatever the files hold. The published NVLM-D-72B files use
+# 18 (vocab.json), 11 (merges.txt) and 35-75 (tokenizer.json, compact or pretty) bytes per
+# embedding row; the budgets below allow 2.5-6x that, plus 1 MiB for small vocabularies.
+_CONFIG_MAX_BYTES = 16 << 20  # tokenizer_config.json: 7 KB published (22 added tokens + template)
+_BYTES_PER_ROW = {_VOCAB_FILE: 64, _MERGES_FILE: 64, _TOKENIZER_JSON: 192}
+_SLACK_BYTES = 1 << 20
+
 
 @dataclass(frozen=True)
 class SpecialTokens:
@@ -184,7 +194,7 @@ class SpecialTokens:
         return cls(**{field: added[content] for field, content in wanted.items()})
 
 
-def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(folder: str | Path, *, max_tokens: int | None = None) -> PreTrainedTokenizerBase:
     """Loads the fast tokenizer of a checkpoint folder without executing any of its code.
 
     Reads `tokenizer.json` when present, else builds the Qwen2 byte-level BPE from `vocab.json`
@@ -193,18 +203,27 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
     registered with their exact ids and flags, and it names the eos/pad tokens and holds the
     chat template (else `chat_template.jinja` beside it is used).
 
+    Every token id must index a row of the model's embedding: `max_tokens` bounds the token
+    count (checked before any added token is added, all of them in one call), and the sizes of
+    the vocabulary files (see `_BYTES_PER_ROW`), checked before they are parsed, so that a
+    hostile vocabulary fails in milliseconds.
+
     Args:
         folder: the checkpoint folder.
+        max_tokens: the model's embedding rows (`llm_config.vocab_size`, checked against the
+            shard headers); None allows up to `config.MAX_VOCAB`.
 
     Returns:
         A `PreTrainedTokenizerFast` that adds no BOS token.
 
     Raises:
-        CheckpointError: a file is missing or unreadable, an added token cannot get its
-            declared id, or a named special token is not in the vocabulary.
+        CheckpointError: a file is missing, unreadable or too large, an added token cannot get its
+            declared id, a named special token is not in the vocabulary, a field has the wrong
+            type, or there would be more tokens than `max_tokens`.
     """
     start = time.perf_counter()
     folder = Path(folder)
+    limit = MAX_VOCAB if max_tokens is None else max_tokens
     config = _read_config(folder)
     if config.get("split_special_tokens"):
         # With it, "<|im_start|>" in the prompt text stays text and every prompt would be wrong.
@@ -213,10 +232,11 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
             "set it to false."
         )
     if (folder / _TOKENIZER_JSON).is_file():
+        _check_file_size(folder / _TOKENIZER_JSON, limit)
         backend = _read_tokenizer_json(folder / _TOKENIZER_JSON)
     else:
-        backend = _build_bpe(folder, add_prefix_space=bool(config.get("add_prefix_space", False)))
-    _register_added_tokens(backend, config.get("added_tokens_decoder") or {}, folder)
+        backend = _build_bpe(folder, add_prefix_space=bool(config.get("add_prefix_space", False)), limit=limit)
+    _register_added_tokens(backend, config.get("added_tokens_decoder") or {}, folder, limit)
 
     named = {key: _token_content(config.get(key)) for key in ("bos_token", "eos_token", "pad_token", "unk_token")}
     unknown = {key: token for key, token in named.items() if token is not None and backend.token_to_id(token) is None}
@@ -227,14 +247,29 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
             "Fix the config or add them to added_tokens_decoder."
         )
     extra = config.get("additional_special_tokens")
+    if extra is not None and (
+        not isinstance(extra, list)
+        or not all(isinstance(token, str) and backend.token_to_id(token) is not None for token in extra)
+    ):
+        # As above: unknown ones would become new tokens, past the ids the embedding was checked for.
+        raise CheckpointError(
+            f"{folder / _CONFIG_FILE}: additional_special_tokens must list tokens of the vocabulary, got "
+            f"{reprlib.repr(extra)}. Fix the config or add them to added_tokens_decoder."
+        )
+    max_length = config.get("model_max_length", 131072)
+    if isinstance(max_length, bool) or not isinstance(max_length, (int, float)) or not max_length >= 1:
+        raise CheckpointError(
+            f"{folder / _CONFIG_FILE}: model_max_length must be a positive number, got {reprlib.repr(max_length)}."
+        )
     # The wrapper deep-copies the backend: about 0.5 s of the ~0.8 s load of the 151k vocabulary.
     # Nothing is cached on disk (no tokenizer.json is written into the user's folder).
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         **named,
-        additional_special_tokens=list(extra) if isinstance(extra, list) else None,
+        additional_special_tokens=extra,
         chat_template=_chat_template(config, folder),
-        model_max_length=int(config.get("model_max_length", 131072)),
+        # transformers saves "no limit" as int(1e30); a float infinity means the same
+        model_max_length=int(min(max_length, 1e30)),
         clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
         add_bos_token=False,  # the config says so and the reference prompt has no BOS
     )
@@ -252,12 +287,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
             f"or {_VOCAB_FILE} + {_MERGES_FILE}, and {path} is missing. "
             "Point at the NVLM-D-72B checkpoint folder, or download its tokenizer files into it."
         )
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}. Re-download the file.") from e
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, got {type(config).__name__}. Re-download the file.")
+    config = read_json_object(path, max_bytes=_CONFIG_MAX_BYTES)  # bounded size and nesting
     return config
 
 
@@ -268,13 +298,27 @@ def _read_tokenizer_json(path: Path) -> Tokenizer:
         raise CheckpointError(f"cannot read {path}: {e}. Re-download the file, or delete it to use vocab.json.") from e
 
 
-def _build_bpe(folder: Path, *, add_prefix_space: bool) -> Tokenizer:
+def _check_file_size(path: Path, limit: int) -> None:
+    allowed = _SLACK_BYTES + limit * _BYTES_PER_ROW[path.name]
+    size = path.stat().st_size
+    if size > allowed:
+        raise CheckpointError(
+            f"{path} is {size:,} bytes, more than the {allowed:,} allowed for a tokenizer of at most "
+            f"{limit:,} tokens (the rows of the model's embedding): it holds a far larger vocabulary "
+            "than the model can embed. The tokenizer files and config.json do not belong together; "
+            "re-download them."
+        )
+
+
+def _build_bpe(folder: Path, *, add_prefix_space: bool, limit: int = MAX_VOCAB) -> Tokenizer:
     missing = [name for name in (_VOCAB_FILE, _MERGES_FILE) if not (folder / name).is_file()]
     if missing:
         raise CheckpointError(
             f"no tokenizer in {folder}: looked for {_TOKENIZER_JSON}, or {_VOCAB_FILE} + {_MERGES_FILE}; "
             f"missing {missing}. Download the tokenizer files of the checkpoint into {folder}."
         )
+    for name in (_VOCAB_FILE, _MERGES_FILE):
+        _check_file_size(folder / name, limit)
     try:
         # Parsed on the Rust side: about twice as fast as json + a Python merges list for the
         # 151k-token vocabulary. Accepts merges with or without a "#version" header.
@@ -311,38 +355,60 @@ def _set_qwen2_pipeline(backend: Tokenizer, *, add_prefix_space: bool = False) -
     backend.decoder = decoders.ByteLevel()
 
 
-def _register_added_tokens(backend: Tokenizer, declared: dict[str, Any], folder: Path) -> None:
+def _register_added_tokens(backend: Tokenizer, declared: Any, folder: Path, limit: int) -> None:
+    path = folder / _CONFIG_FILE
+    if not isinstance(declared, dict):
+        raise CheckpointError(
+            f"{path}: added_tokens_decoder must be an object of id -> token, got {reprlib.repr(declared)}. "
+            "Re-download the file."
+        )
     try:
         entries = sorted(((int(token_id), spec) for token_id, spec in declared.items()), key=lambda item: item[0])
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{folder / _CONFIG_FILE}: added_tokens_decoder keys must be ids: {e}") from e
+        raise CheckpointError(f"{path}: added_tokens_decoder keys must be ids: {e}") from e
     # tokenizer.json already carries its added tokens; they are checked, not added again.
     already_added = {token.content for token in backend.get_added_tokens_decoder().values()}
+    new: dict[str, AddedToken] = {}
     for token_id, spec in entries:
         content = _token_content(spec)
         if content is None:
-            raise CheckpointError(f"{folder / _CONFIG_FILE}: added token {token_id} has no content")
+            raise CheckpointError(f"{path}: added token {token_id} has no content")
         flags = spec if isinstance(spec, dict) else {}
-        if content not in already_added:
-            # A new token takes the next free id; sorting by id makes the contiguous block of the
-            # real checkpoint (151643..151664 after 151,643 base tokens) land exactly. A token already
-            # in the base vocabulary keeps its id and only becomes unsplittable.
-            backend.add_tokens(
-                [
-                    AddedToken(
-                        content,
-                        single_word=bool(flags.get("single_word", False)),
-                        lstrip=bool(flags.get("lstrip", False)),
-                        rstrip=bool(flags.get("rstrip", False)),
-                        normalized=bool(flags.get("normalized", False)),
-                        special=bool(flags.get("special", False)),
-                    )
-                ]
+        if content not in already_added and content not in new:
+            # A new token takes the next free id; a token already in the base vocabulary keeps its
+            # id and only becomes unsplittable.
+            new[content] = AddedToken(
+                content,
+                single_word=bool(flags.get("single_word", False)),
+                lstrip=bool(flags.get("lstrip", False)),
+                rstrip=bool(flags.get("rstrip", False)),
+                normalized=bool(flags.get("normalized", False)),
+                special=bool(flags.get("special", False)),
             )
+    # Every token id must index a row of the embedding (past the last row, generation fails, on
+    # CUDA as a device-side assert), so the count is bounded before anything is added. Added ids
+    # follow the vocabulary without gaps (checked below); the vocabulary's own ids are not scanned
+    # for gaps, which costs ~0.4 s per load of 152k tokens (published files have none).
+    fresh = sum(1 for content in new if backend.token_to_id(content) is None)
+    present = backend.get_vocab_size(with_added_tokens=True)
+    if present + fresh > limit:
+        raise CheckpointError(
+            f"the tokenizer in {folder} would have {present + fresh:,} tokens ({present:,} in its vocabulary "
+            f"files, {fresh:,} more added by {_CONFIG_FILE}), more than the {limit:,} rows of the model's "
+            "embedding (llm_config.vocab_size). The tokenizer files and config.json do not belong together; "
+            "re-download them."
+        )
+    # One call: the backend rebuilds its matcher of added tokens on every call, so adding them one
+    # at a time is quadratic (8,000 tokens: 15 s; a million: hours). New tokens take the next free
+    # ids in order; sorting by id makes the contiguous block of the real checkpoint (151643..151664
+    # after 151,643 base tokens) land exactly.
+    backend.add_tokens(list(new.values()))
+    for token_id, spec in entries:
+        content = _token_content(spec)
         got = backend.token_to_id(content)
         if got != token_id:
             raise CheckpointError(
-                f"{folder / _CONFIG_FILE} declares {content!r} as id {token_id}, but it gets id {got} "
+                f"{path} declares {content!r} as id {token_id}, but it gets id {got} "
                 f"(base vocabulary of {backend.get_vocab_size(with_added_tokens=False)} tokens). "
                 "Added token ids must follow the vocabulary without gaps; the files do not belong together."
             )
@@ -361,7 +427,17 @@ def _chat_template(config: dict[str, Any], folder: Path) -> str | dict[str, str]
         return template
     if isinstance(template, list):
         # Older multi-template form: [{"name": "default", "template": "..."}, ...].
-        return {item["name"]: item["template"] for item in template if isinstance(item, dict)}
+        if not all(isinstance(item, dict) and isinstance(item.get("name"), str)
+                   and isinstance(item.get("template"), str) for item in template):
+            raise CheckpointError(
+                f"{folder / _CONFIG_FILE}: chat_template must be a string or a list of "
+                f'{{"name": ..., "template": ...}} objects, got {reprlib.repr(template)}. Fix or re-download the file.'
+            )
+        return {item["name"]: item["template"] for item in template}
+    if template is not None:
+        raise CheckpointError(
+            f"{folder / _CONFIG_FILE}: chat_template must be a string or a list, got {reprlib.repr(template)}."
+        )
     path = folder / _CHAT_TEMPLATE_FILE
     if path.is_file():  # transformers >= 4.43 saves it beside the config
         return path.read_text(encoding="utf-8")

@@ -129,6 +129,9 @@ class ChatNVLM(BaseChatModel):
     """Tile budget per request, shared by its images; None is the checkpoint's rule (6 // n images)."""
     allow_url_fetch: bool = False
     """Fetch http(s) image URLs (size- and time-limited). Off: pass bytes, base64 or paths."""
+    allow_private_image_hosts: bool = False
+    """Let URL fetches reach loopback, private and link-local addresses (an intranet image host).
+    Off, every hop of a fetch must resolve to a public address."""
     images_first: bool = True
     """Put a message's images before its text, the layout NVLM-D was trained with."""
     pdf_dpi: float = 144.0

@@ -5,8 +5,10 @@ dialect users write arrives here in one shape: standard image blocks (`url`, `ba
 `mime_type`), OpenAI `image_url` parts (http or data URLs), the older `source_type` blocks and
 Anthropic `source` blocks. Local files work as a path or a `file://` URL in `url`. PDFs
 (standard `file` blocks, OpenAI `file` parts, Anthropic `document` blocks) become one image per
-page, rendered with pypdfium2 (the optional `pdf` extra). Audio, video and other files are
-refused with a `ValueError` naming the block.
+page, rendered by `pdf.py` (pypdfium2, the optional `pdf` extra) with the document tools'
+limits on bytes, pages and pixels per page. Local paths are allowed here (messages are the
+application's input, not a model's), but errors never quote a file's bytes. Audio, video and
+other files are refused with a `ValueError` naming the block.
 
 Tool traffic is written the Qwen2.5 way (see `tool_calls.py`): an AIMessage's `tool_calls` as
 `<tool_call>` blocks in its assistant turn, and a run of ToolMessages as one user turn of
@@ -25,7 +27,6 @@ import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from langchain_core.messages import (
@@ -37,7 +38,10 @@ from langchain_core.messages import (
     SystemMessage,
     ToolMessage,
 )
+from PIL import Image
 
+from . import pdf
+from .pdf import PDFError, PDFLimitError, PDFPageLimitError, check_byte_count, read_pdf_file, render_pdf
 from .tool_calls import TOOL_RESPONSE_END, TOOL_RESPONSE_START, render_tool_calls
 
 __all__ = ["ContentOptions", "Conversation", "UnsupportedContentError", "to_engine_messages"]
@@ -66,11 +70,17 @@ class ContentOptions:
             two images keeps its order, as does every message when this is False.
         pdf_dpi: resolution PDF pages are rendered at.
         pdf_max_pages: PDFs with more pages are refused (each page is an image of 1-7 tiles).
+        pdf_max_bytes: larger PDFs are refused; a file is measured before it is read.
+        pdf_max_page_pixels: a page that would render larger at `pdf_dpi` renders at the
+            highest resolution within this budget.
+        The PDF limits are the document tools' (see `nvlm_langchain.pdf`).
     """
 
     images_first: bool = True
-    pdf_dpi: float = 144.0
-    pdf_max_pages: int = 8
+    pdf_dpi: float = float(pdf.DEFAULT_DPI)
+    pdf_max_pages: int = pdf.DEFAULT_MAX_PAGES
+    pdf_max_bytes: int = pdf.DEFAULT_MAX_BYTES
+    pdf_max_page_pixels: int = pdf.DEFAULT_MAX_PAGE_PIXELS
 
 
 @dataclass(frozen=True)
@@ -228,43 +238,55 @@ def _image_source(block: dict[str, Any], number: int) -> str:
     )
 
 
-def _pdf_pages(block: dict[str, Any], number: int, options: ContentOptions) -> list[Any]:
+def _pdf_pages(block: dict[str, Any], number: int, options: ContentOptions) -> list[Image.Image]:
+    # The document tools' renderer and limits (pdf.py); bytes are measured before they are read.
     try:
-        import pypdfium2 as pdfium
+        data = _pdf_bytes(block, number, options.pdf_max_bytes)
+        pages = render_pdf(
+            data,
+            dpi=options.pdf_dpi,
+            max_pages=options.pdf_max_pages,
+            max_page_pixels=options.pdf_max_page_pixels,
+        )
     except ImportError as e:
         raise UnsupportedContentError(
             f"message {number} holds a PDF; reading PDFs needs pypdfium2: pip install 'nvlm-langchain[pdf]'"
         ) from e
-    data = _pdf_bytes(block, number)
-    try:
-        document = pdfium.PdfDocument(data)
-    except pdfium.PdfiumError as e:
-        raise UnsupportedContentError(f"message {number} holds a PDF that cannot be opened: {e}") from e
-    try:
-        if len(document) > options.pdf_max_pages:
-            raise UnsupportedContentError(
-                f"message {number} holds a PDF of {len(document)} pages; ChatNVLM reads at most "
-                f"{options.pdf_max_pages} (pdf_max_pages): split it or raise the limit"
-            )
-        return [page.render(scale=options.pdf_dpi / 72).to_pil().convert("RGB") for page in document]
-    finally:
-        document.close()
+    except PDFPageLimitError as e:
+        raise UnsupportedContentError(
+            f"message {number} holds a PDF of {e.page_count} pages; ChatNVLM reads at most "
+            f"{e.max_pages} (pdf_max_pages): split it or raise the limit"
+        ) from e
+    except PDFLimitError as e:
+        raise UnsupportedContentError(f"message {number} holds a PDF over a limit: {e}") from e
+    except PDFError as e:
+        raise UnsupportedContentError(f"message {number} holds a PDF that cannot be opened or rendered: {e}") from e
+    return [page.image for page in pages]
 
 
-def _pdf_bytes(block: dict[str, Any], number: int) -> bytes:
+def _pdf_bytes(block: dict[str, Any], number: int, max_bytes: int) -> bytes:
+    # Inline data is already in the caller's memory: it is checked once decoded. A file is
+    # measured with stat before a byte of it is read.
     if block.get("base64"):
         try:
-            return base64.b64decode(block["base64"], validate=True)
+            data = base64.b64decode(block["base64"], validate=True)
         except (binascii.Error, ValueError) as e:
             raise UnsupportedContentError(f"message {number} holds a PDF whose base64 is invalid") from e
+        check_byte_count(len(data), max_bytes, "the base64 PDF", "pdf_max_bytes")
+        return data
     url = str(block.get("url") or block.get("path") or "")
     if url.startswith("data:"):
         header, _, payload = url.partition(",")
-        return base64.b64decode(payload) if header.endswith(";base64") else urllib.parse.unquote_to_bytes(payload)
+        try:
+            data = base64.b64decode(payload) if header.endswith(";base64") else urllib.parse.unquote_to_bytes(payload)
+        except (binascii.Error, ValueError) as e:
+            raise UnsupportedContentError(f"message {number} holds a PDF data URL whose base64 is invalid") from e
+        check_byte_count(len(data), max_bytes, "the PDF data URL", "pdf_max_bytes")
+        return data
     if url.startswith("file:"):
         url = urllib.request.url2pathname(urllib.parse.urlparse(url).path)
-    if url and "://" not in url and Path(url).is_file():
-        return Path(url).read_bytes()
+    if url and "://" not in url:
+        return read_pdf_file(url, max_bytes, limit_name="pdf_max_bytes")
     raise UnsupportedContentError(
         f"message {number} holds a PDF at {url[:80]!r}; pass it as base64, a data URL or a local path"
     )

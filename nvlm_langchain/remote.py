@@ -36,6 +36,7 @@ from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables.config import run_in_executor
 
 from nvlm_engine import NVLMError
+from nvlm_engine.fetch import FetchPolicy
 from nvlm_engine.prompts import DEFAULT_SYSTEM_PROMPT
 
 from .remote_messages import to_openai_messages
@@ -126,7 +127,8 @@ def build_request(chat: ChatNVLM, messages: Sequence[BaseMessage], stop: list[st
     params: dict[str, Any] = {
         "model": model_name,
         "messages": to_openai_messages(messages, chat.content_options(), allow_url_fetch=chat.allow_url_fetch,
-                                       default_system=DEFAULT_SYSTEM_PROMPT),
+                                       default_system=DEFAULT_SYSTEM_PROMPT,
+                                       fetch_policy=FetchPolicy(allow_private_addresses=chat.allow_private_image_hosts)),
         "temperature": options["temperature"],
         "top_p": DEFAULT_TOP_P if options["top_p"] is None else options["top_p"],
         "max_tokens": options["max_tokens"] or chat.default_max_tokens(),

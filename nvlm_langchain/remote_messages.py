@@ -32,6 +32,7 @@ from langchain_core.messages import AIMessage, BaseMessage, FunctionMessage, Hum
 from PIL import Image
 
 from nvlm_engine.errors import ImageDecodeError
+from nvlm_engine.fetch import FetchPolicy
 from nvlm_engine.images import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_MAX_BYTES, read_source
 
 from .messages import ContentOptions, Conversation, to_engine_messages
@@ -48,6 +49,7 @@ def to_openai_messages(
     *,
     allow_url_fetch: bool,
     default_system: str | None,
+    fetch_policy: FetchPolicy | None = None,
 ) -> list[OpenAIMessage]:
     """Converts a LangChain conversation (see the module docstring).
 
@@ -56,18 +58,20 @@ def to_openai_messages(
         options: how content blocks are read (the chat model's `content_options()`).
         allow_url_fetch: fetch http(s) image URLs here (else they are refused, as locally).
         default_system: the system text sent when the conversation has none (None: none).
+        fetch_policy: which hosts and addresses a fetch may reach (default: public addresses only).
 
     Raises:
         UnsupportedContentError: a block NVLM-D cannot read (named with its message number).
         ValueError: an unknown message role.
         nvlm_engine.ImageError: an image that cannot be read, or a URL while fetching is off.
     """
+    fetch = (fetch_policy or FetchPolicy()) if allow_url_fetch else None
     systems: list[str] = []
     out: list[OpenAIMessage] = []
     tool_images: list[dict[str, Any]] = []
     for number, message in enumerate(messages):
         if isinstance(message, (ToolMessage, FunctionMessage)):
-            text, images = _tool_result(message, number, options, allow_url_fetch)
+            text, images = _tool_result(message, number, options, fetch)
             call_id = getattr(message, "tool_call_id", None) or getattr(message, "name", None) or ""
             out.append({"role": "tool", "tool_call_id": call_id, "content": text})
             tool_images += images
@@ -81,14 +85,14 @@ def to_openai_messages(
         conversation = _read(message, number, options)
         if conversation.system is not None:
             systems.append(conversation.system)
-        out += [_turn(turn, allow_url_fetch) for turn in conversation.turns]
+        out += [_turn(turn, fetch) for turn in conversation.turns]
     if tool_images:
         out.append({"role": "user", "content": tool_images})
     system = "\n\n".join(systems) if systems else default_system
     return out if system is None else [{"role": "system", "content": system}, *out]
 
 
-def image_data_url(source: str | Image.Image, *, allow_url_fetch: bool) -> str:
+def image_data_url(source: str | Image.Image, *, allow_url_fetch: bool, fetch_policy: FetchPolicy | None = None) -> str:
     """An image source as `messages.py` gives it (path, URL, data URL, PIL page) -> a base64 data URL.
 
     The encoded bytes are sent as they are (no re-encoding, so the server decodes exactly the
@@ -102,7 +106,7 @@ def image_data_url(source: str | Image.Image, *, allow_url_fetch: bool) -> str:
     if _BASE64_DATA_URL.match(source[:64].lstrip()):
         return source.strip()
     data, label = read_source(source, allow_url_fetch=allow_url_fetch, max_bytes=DEFAULT_MAX_BYTES,
-                              fetch_timeout_s=DEFAULT_FETCH_TIMEOUT_S)
+                              fetch_timeout_s=DEFAULT_FETCH_TIMEOUT_S, fetch_policy=fetch_policy)
     return _data_url(data, _mime_type(data, label))
 
 
@@ -117,19 +121,19 @@ def _read(message: BaseMessage, number: int, options: ContentOptions) -> Convers
         raise type(e)(re.sub(r"^message 0\b", f"message {number}", str(e))) from e
 
 
-def _turn(turn: dict[str, Any], allow_url_fetch: bool) -> OpenAIMessage:
+def _turn(turn: dict[str, Any], fetch: FetchPolicy | None) -> OpenAIMessage:
     content = turn["content"]
     if isinstance(content, str):
         return {"role": turn["role"], "content": content}
     if all(p["type"] == "text" for p in content):  # plain text: a string, which every server reads
         return {"role": turn["role"], "content": "".join(p["text"] for p in content)}
-    return {"role": turn["role"], "content": [_part(p, allow_url_fetch) for p in content]}
+    return {"role": turn["role"], "content": [_part(p, fetch) for p in content]}
 
 
-def _part(part: dict[str, Any], allow_url_fetch: bool) -> dict[str, Any]:
+def _part(part: dict[str, Any], fetch: FetchPolicy | None) -> dict[str, Any]:
     if part["type"] == "text":
         return {"type": "text", "text": part["text"]}
-    return {"type": "image_url", "image_url": {"url": image_data_url(part["image"], allow_url_fetch=allow_url_fetch)}}
+    return {"type": "image_url", "image_url": {"url": image_data_url(part["image"], allow_url_fetch=fetch is not None, fetch_policy=fetch)}}
 
 
 def _assistant(message: AIMessage, number: int, options: ContentOptions) -> OpenAIMessage:
@@ -146,14 +150,14 @@ def _assistant(message: AIMessage, number: int, options: ContentOptions) -> Open
 
 
 def _tool_result(message: BaseMessage, number: int, options: ContentOptions,
-                 allow_url_fetch: bool) -> tuple[str, list[dict[str, Any]]]:
+                 fetch: FetchPolicy | None) -> tuple[str, list[dict[str, Any]]]:
     """A tool result's text (its text blocks, one per line, as locally) and its images as OpenAI parts."""
     try:
         (turn,) = to_engine_messages([HumanMessage(content=message.content)], options).turns
     except ValueError as e:
         raise type(e)(re.sub(r"^message 0 \(human\)", f"message {number} ({message.type})", str(e))) from e
     text = "\n".join(p["text"] for p in turn["content"] if p["type"] == "text")
-    images = [_part(p, allow_url_fetch) for p in turn["content"] if p["type"] == "image"]
+    images = [_part(p, fetch) for p in turn["content"] if p["type"] == "image"]
     return text, images
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from langchain_core.messages import BaseMessage
 
 from nvlm_engine import NVLMEngine, PreparedRequest, load_image
+from nvlm_engine.fetch import FetchPolicy
 from nvlm_engine.prompts import DEFAULT_SYSTEM_PROMPT
 
 from .engines import LoadedEngine, get_engine
@@ -164,7 +165,7 @@ def compose_call(chat: ChatNVLM, messages: Sequence[BaseMessage], kwargs: Mappin
             system = f"{system}\n\n{answer.instruction(with_tools=tools.active)}"
     engine_messages = conversation.messages(system)
     if chat.allow_url_fetch:
-        engine_messages = _fetch_urls(engine_messages)
+        engine_messages = _fetch_urls(engine_messages, FetchPolicy(allow_private_addresses=chat.allow_private_image_hosts))
     return Composed(loaded, loaded.engine(chat.dialect), model_name, engine_messages, tools, answer, options)
 
 
@@ -222,7 +223,7 @@ def _image_count(messages: list[dict[str, Any]]) -> int:
     )
 
 
-def _fetch_urls(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _fetch_urls(messages: list[dict[str, Any]], policy: FetchPolicy) -> list[dict[str, Any]]:
     # URL fetching is a per-model choice, so the shared engine never fetches: allowed URLs are
     # read here with the engine's own size- and time-limited fetcher, and passed on as images.
     out = []
@@ -230,7 +231,7 @@ def _fetch_urls(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         content = message["content"]
         if isinstance(content, list):
             content = [
-                {"type": "image", "image": load_image(p["image"], allow_url_fetch=True)}
+                {"type": "image", "image": load_image(p["image"], allow_url_fetch=True, fetch_policy=policy)}
                 if p.get("type") == "image" and isinstance(p["image"], str) and p["image"][:8].lower().startswith(("http://", "https://"))
                 else p
                 for p in content

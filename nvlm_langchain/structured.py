@@ -7,7 +7,8 @@ Three methods, all enforced by the grammar engine rather than hoped for:
 - "json_mode": the answer is a JSON object (the prompt should say which keys).
 
 Schemas may be pydantic classes (v1 or v2; the result is an instance), TypedDicts or JSON
-schema dicts (the result is a dict).
+schema dicts (the result is a dict). A schema too costly to compile (`GrammarLimits`: a regex
+`a{1,30000}`, say) raises `GrammarTooComplexError` here, before any call.
 """
 
 from __future__ import annotations
@@ -40,13 +41,18 @@ def structured_output(chat: ChatNVLM, schema: Any, *, method: Method, include_ra
     is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
     trace = {"ls_structured_output_format": {"kwargs": {"method": method}, "schema": schema}}
     parser: Runnable
+    from .grammar import check_schemas
+
     if method == "function_calling":
-        name = convert_to_openai_tool(schema)["function"]["name"]
+        function = convert_to_openai_tool(schema)["function"]
+        name = function["name"]
+        check_schemas([(f"tool {name!r}'s parameters", function.get("parameters", {}))])
         llm = chat.bind_tools([schema], tool_choice=name, parallel_tool_calls=False, **trace)
         parser = (PydanticToolsParser(tools=[schema], first_tool_only=True) if is_pydantic
                   else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True))
     elif method == "json_schema":
         json_schema = convert_to_json_schema(schema)
+        check_schemas([("the response format's JSON schema", json_schema)])
         response_format = {"type": "json_schema", "json_schema": {"name": json_schema.get("title", "answer"), "schema": json_schema}}
         llm = chat.bind(response_format=response_format, **trace)
         parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()

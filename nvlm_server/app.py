@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,8 +29,10 @@ from nvlm_engine.generation import PreparedRequest
 from nvlm_engine.scheduler import QueueFullError, RequestHandle, Scheduler
 
 from . import schemas
-from .convert import ImagePolicy, RequestRejected, to_engine_messages
+from .convert import ImagePolicy, RequestRejected
 from .features import RequestFeatures, plan_features
+from .fetching import convert_messages
+from .guard import BodyError, Guard, check_api_key, parse_json_body
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +43,15 @@ class ServerSettings:
 
     Attributes:
         model_name: the id clients see in /v1/models and responses.
-        api_key: when set, every /v1 request needs `Authorization: Bearer <api_key>`.
-        max_body_bytes: larger request bodies get 413.
+        api_key: when set, every path but /health (the OpenAPI schema included) needs
+            `Authorization: Bearer <api_key>`; a visible-ASCII token, never empty (None: no auth).
+        max_body_bytes: larger request bodies get 413 (counted as they arrive, chunked ones too).
         max_tiles: tiles per image at most (a request cannot ask for more).
-        request_timeout_s: a request still running after this is cancelled (504 / stream end).
+        request_timeout_s: a request still running after this is cancelled: a 504, or a stream
+            that ends early with finish_reason "length", usage and [DONE].
         max_batch_size, max_queue: scheduler limits; a full queue answers 429.
+        grammar_timeout_s: compile budget of a tools / response_format grammar, off the event loop;
+            past it 400 grammar_too_complex (static bounds: nvlm_langchain.grammar.GrammarLimits).
         images: the image policy (inline only by default).
     """
 
@@ -57,7 +62,12 @@ class ServerSettings:
     request_timeout_s: float = 600.0
     max_batch_size: int = 16
     max_queue: int = 256
+    grammar_timeout_s: float = 5.0
     images: ImagePolicy = field(default_factory=ImagePolicy)
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None:
+            check_api_key(self.api_key)  # "" would silently mean: no auth
 
 
 class _Metrics:
@@ -87,21 +97,8 @@ def create_app(engine: NVLMEngine, settings: ServerSettings | None = None) -> Fa
     app = FastAPI(title="nvlm-serve", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.scheduler = scheduler
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable) -> Response:
-        # Authentication and body size before any parsing.
-        if request.url.path.startswith("/v1") or request.url.path == "/metrics":
-            if settings.api_key and not _authorized(request, settings.api_key):
-                return _error(401, "missing or wrong API key (send Authorization: Bearer <key>)", "authentication_error",
-                              "invalid_api_key")
-            length = request.headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-                return _error(413, f"request body larger than {settings.max_body_bytes} bytes", code="request_too_large")
-        try:
-            return await call_next(request)
-        except Exception:  # last line of defence: log it, never show it
-            logger.exception("unhandled error")
-            return _error(500, "internal server error", "server_error")
+    # API key, body limit and the last line of defence, as pure ASGI (see guard.py for why not @app.middleware)
+    app.add_middleware(Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -128,23 +125,24 @@ def create_app(engine: NVLMEngine, settings: ServerSettings | None = None) -> Fa
 
 async def _chat(request: Request, engine: NVLMEngine, scheduler: Scheduler, settings: ServerSettings,
                 metrics: _Metrics) -> Response:
-    # 1. read and validate the body
+    # 1. read and validate the body (the guard stops reading it past max_body_bytes)
     body = await request.body()
     if len(body) > settings.max_body_bytes:
         return _error(413, f"request body larger than {settings.max_body_bytes} bytes", code="request_too_large")
     try:
-        payload = json.loads(body)
+        # strict (bad UTF-8, lone surrogates, NaN, deep nesting: 400s); off the loop, as a 32 MB body takes seconds
+        payload = await run_in_threadpool(parse_json_body, body)
         req = schemas.ChatCompletionRequest.model_validate(payload)
-    except json.JSONDecodeError as e:
-        return _error(400, f"request body is not valid JSON: {e.msg} at position {e.pos}", code="invalid_json")
+    except BodyError as e:
+        return _error(400, str(e), code=e.code, param=e.param)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         return _error(400, f"invalid request: {where}: {first['msg']}", code="invalid_request", param=where)
     # 2. convert and prepare off the event loop (image decoding, tokenization)
     try:
-        features = plan_features(req, engine)
-        messages = await run_in_threadpool(to_engine_messages, req.messages, settings.images)
+        features = await run_in_threadpool(plan_features, req, engine, settings.grammar_timeout_s)  # grammars compile
+        messages = await convert_messages(request.app, req.messages, settings.images)  # URLs in their own pool
         prepared = await run_in_threadpool(_prepare, engine, messages, req, settings, features)
     except RequestRejected as e:
         return _error(e.status, str(e), code=e.code, param=e.param)
@@ -228,20 +226,18 @@ async def _sse(handle: RequestHandle, model: str, include_usage: bool, features:
     cid = schemas.completion_id()
     yield _event(schemas.chunk(cid, model, {"role": "assistant", "content": ""}))
     stream = features.stream_translator()
-    deadline = time.monotonic() + settings.request_timeout_s
+    # At the deadline a timer cancels the request; it ends at its next step ("cancelled", sent as
+    # "length", as OpenAI reports a cut answer), then usage and [DONE] as usual. Not a timeout
+    # around each read: cancelling a read closes the generator before its final delta.
+    deadline = asyncio.get_running_loop().call_later(settings.request_timeout_s, handle.cancel)
     pieces = handle.astream()
     try:
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                piece = await asyncio.wait_for(pieces.__anext__(), timeout=max(0.01, remaining))
-            except StopAsyncIteration:
-                break
-            except asyncio.TimeoutError:
-                handle.cancel()
-                continue  # drain to the cancelled end
-            for delta in stream.push(piece):
-                yield _event(schemas.chunk(cid, model, delta))
+        try:
+            async for piece in pieces:
+                for delta in stream.push(piece):
+                    yield _event(schemas.chunk(cid, model, delta))
+        finally:
+            deadline.cancel()
         result = handle.result
         assert result is not None
         _observe(metrics, result)
@@ -274,12 +270,6 @@ def _observe(metrics: _Metrics, result: Any) -> None:
 
 def _event(body: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
-
-
-def _authorized(request: Request, api_key: str) -> bool:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip(), api_key)
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,

@@ -162,23 +162,37 @@ class _ToolStream:
         return self._index[parser_index]
 
 
-def plan_features(req: ChatCompletionRequest, engine: NVLMEngine) -> RequestFeatures:
-    """Check tools / tool_choice / response_format and build the request's features."""
+def plan_features(req: ChatCompletionRequest, engine: NVLMEngine,
+                  grammar_timeout_s: float | None = None) -> RequestFeatures:
+    """Check tools / tool_choice / response_format and build the request's features.
+
+    Compiling a grammar can take seconds (see `nvlm_langchain.grammar.GrammarLimits`): call this
+    off the event loop. It waits at most `grammar_timeout_s` for the compile (plus the wait for a
+    free compile worker), then answers 400 `grammar_too_complex`; busy workers answer 503.
+    """
     system_default = QWEN_DEFAULT_SYSTEM_PROMPT if engine.prompts.dialect == PromptDialect.VLLM else DEFAULT_SYSTEM_PROMPT
     answer_schema = _answer_schema(req)
     choice = _tool_choice(req)
     tools = _tools(req) if choice != "none" else []
     if not tools and answer_schema is None:
         return RequestFeatures(system_default=system_default)
+    from nvlm_langchain.grammar import GrammarBusyError, GrammarTooComplexError
+
     grammars = grammars_for(engine)
+    param = "tools" if tools else "response_format"
     try:
         if not tools:
-            compiled = grammars.json_schema(answer_schema)
+            compiled = grammars.json_schema(answer_schema, timeout_s=grammar_timeout_s)
         elif choice in ("auto", "required"):
-            compiled = grammars.tool_calls(tools, choice, answer_schema=answer_schema if choice == "auto" else None)
+            compiled = grammars.tool_calls(tools, choice, answer_schema=answer_schema if choice == "auto" else None,
+                                           timeout_s=grammar_timeout_s)
         else:
             (tool,) = [t for t in tools if t.name == choice]
-            compiled = grammars.tool_calls([tool], "forced")
+            compiled = grammars.tool_calls([tool], "forced", timeout_s=grammar_timeout_s)
+    except GrammarTooComplexError as e:
+        raise RequestRejected(str(e), code="grammar_too_complex", param=param) from e
+    except GrammarBusyError as e:
+        raise RequestRejected(str(e), status=503, code="grammar_busy", param=param) from e
     except ValueError as e:
         raise RequestRejected(f"cannot use the given schema: {e}", code="invalid_schema") from e
     from nvlm_langchain.requests import ResponseFormat

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
-
 from shared_paths import REAL_72B, SHARED, TESTDATA_IMAGES, TOKEN_SCALE  # noqa: F401 (re-exported)
 
 
@@ -35,3 +35,19 @@ def tiny_engine(tiny_checkpoint: Path):
     from nvlm_engine import NVLMEngine
 
     return NVLMEngine.from_pretrained(tiny_checkpoint, device_map="cpu", dtype="float32")
+
+
+@pytest.fixture
+def connections(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every address the engine's fetcher connects to (tests of URL fetching)."""
+    from nvlm_engine import fetch
+
+    seen: list[str] = []
+    real = fetch._open_connection
+
+    def watched(family: int, sockaddr: tuple, timeout: float) -> socket.socket:
+        seen.append(sockaddr[0])
+        return real(family, sockaddr, timeout)
+
+    monkeypatch.setattr(fetch, "_open_connection", watched)
+    return seen

@@ -91,3 +91,26 @@ def test_missing_config_is_a_clean_error(tmp_path: Path) -> None:
 def test_help_lists_the_plan_command() -> None:
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0 and "plan" in result.output
+
+
+def test_plan_reads_no_shard_outside_the_folder(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """`plan` reads shard headers with the loader's path rules: a `..` entry or a link out is refused."""
+    import json
+    import os
+
+    outside = tmp_path / "secret.safetensors"
+    shutil.copyfile(next(tiny_checkpoint.glob("*.safetensors")), outside)
+    for case in ("dotdot", "symlink"):
+        folder = tmp_path / case
+        shutil.copytree(tiny_checkpoint, folder)
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        for shard in folder.glob("*.safetensors"):
+            shard.unlink()
+            if case == "symlink":
+                os.symlink(outside, shard)
+        if case == "dotdot":
+            index["weight_map"] = {name: "../secret.safetensors" for name in index["weight_map"]}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+        code, output = run(str(folder), "--gpus", "1xH200")
+        assert code != 0, case
+        assert "outside" in output or "out of the checkpoint folder" in output, output

@@ -7,7 +7,8 @@
 - `ChartTool` ("read_chart"): a chart's data table (JSON and CSV) and a short answer.
 - `LocateTool` ("locate_in_document"): pixel boxes of a text or a described region.
 
-Each takes an image path, URL, data URL or base64 (PDF pages by number or range), returns
+Each takes an image path, URL, data URL or base64 (PDF pages by number or range; paths only
+under the application's `root_dir`, URLs only with `allow_url_fetch`: see `FilePolicy`), returns
 `(short text for the model, structured artifact)`, has an async version, and reports bad
 input or unreadable model output as a `ToolException` quoting the model's raw answer.
 The parsers (`parse_boxes`, `parse_quads`, `parse_table`, `parse_number`) and the coordinate
@@ -19,6 +20,7 @@ from .chart import ChartInput, ChartPage, ChartResult, ChartTable, ChartTool
 from .coords import DEFAULT_SCALE, quad_to_pixel, to_model_coords, to_pixel_coords
 from .documents import DEFAULT_DPI, PageImage, load_pages, parse_page_spec
 from .errors import DocumentInputError, DocumentToolError, ModelOutputError
+from .file_policy import FilePolicy
 from .localize import LocateInput, LocatePage, LocateResult, LocateTool
 from .ocr import OCRInput, OCRPage, OCRResult, OCRTool
 from .parsing import (
@@ -47,6 +49,7 @@ __all__ = [
     "DocumentInputError",
     "DocumentTool",
     "DocumentToolError",
+    "FilePolicy",
     "Grounding",
     "LocateInput",
     "LocatePage",

@@ -15,6 +15,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForToolRun, CallbackManagerForToolRun
@@ -29,6 +30,7 @@ from nvlm_engine import NVLMError
 from .coords import DEFAULT_SCALE, quad_to_pixel, to_pixel_coords
 from .documents import DEFAULT_DPI, DEFAULT_MAX_PAGES, PageImage, encode_png_base64, load_pages
 from .errors import DocumentInputError, DocumentToolError
+from .file_policy import FilePolicy
 from .parsing import RefBox, RefQuad, Shape
 
 __all__ = ["DocumentInput", "DocumentTool", "LocatedBox", "PageInfo"]
@@ -36,9 +38,10 @@ __all__ = ["DocumentInput", "DocumentTool", "LocatedBox", "PageInfo"]
 logger = logging.getLogger(__name__)
 
 IMAGE_DESCRIPTION = (
-    "The document to read: a local file path (PNG, JPEG, WebP, TIFF, ... or a PDF), a file:// URL, "
-    "a data: URL (data:image/png;base64,... or data:application/pdf;base64,...), the base64 of the file, "
-    "or an http(s) URL when the application allows fetching."
+    "The document to read: a file path (PNG, JPEG, WebP, TIFF, ... or a PDF) or file:// URL in the folder "
+    "the application allows (relative paths start there), a data: URL (data:image/png;base64,... or "
+    "data:application/pdf;base64,...), the base64 of the file, or an http(s) URL when the application "
+    "allows fetching."
 )
 PAGES_DESCRIPTION = (
     "PDFs only: which pages to read, numbered from 1: a page ('2'), a range ('1-3'), a list ('1,3') or "
@@ -119,6 +122,11 @@ class DocumentTool(BaseTool):
     )
     dpi: float = Field(default=DEFAULT_DPI, gt=0, description="PDF rendering resolution in dots per inch.")
     max_pages: int = Field(default=DEFAULT_MAX_PAGES, ge=1, description="The most PDF pages one call reads.")
+    root_dir: Path | None = Field(
+        default=None,
+        description="The folder whose files the calling model may name (symlinks and '..' resolved before the "
+        "check; relative paths start here). None: it may name no local file. `document` is not restricted.",
+    )
     allow_url_fetch: bool = Field(default=False, description="Fetch http(s) image URLs named by the caller.")
     coordinate_scale: float = Field(default=DEFAULT_SCALE, gt=0, description="The model's box grid (0..scale).")
     max_content_chars: int = Field(default=6000, ge=200, description="Longest text returned to the calling model.")
@@ -131,9 +139,11 @@ class DocumentTool(BaseTool):
     )
 
     _inputs: type[BaseModel] = PrivateAttr()
+    _policy: FilePolicy = PrivateAttr()
 
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
+        self._policy = FilePolicy(root_dir=self.root_dir)  # ValueError (a validation error) if it is no folder
         assert isinstance(self.args_schema, type) and issubclass(self.args_schema, BaseModel)
         self._inputs = self.args_schema
         if self.document is not None and "image" in self.args_schema.model_fields:
@@ -178,12 +188,15 @@ class DocumentTool(BaseTool):
         return self._inputs.model_validate(inputs)
 
     def _load(self, request: DocumentInput) -> list[PageImage]:
+        # The calling model's `image` is untrusted (prompt injection in any document it read
+        # can choose it): it goes through the file policy. `document` is the application's.
         return load_pages(
             request.image,
             request.pages,
             dpi=self.dpi,
             max_pages=self.max_pages,
             allow_url_fetch=self.allow_url_fetch,
+            policy=None if self.document is not None else self._policy,
         )
 
     def _ask(self, image_b64: str, prompt: str, page: PageImage, callbacks: Any) -> str:

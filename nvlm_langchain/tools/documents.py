@@ -3,19 +3,19 @@
 Knows the sources an agent can name (a path, a `file://`, `data:` or http(s) URL, base64 of
 the file) and the two kinds of file behind them: images, decoded by `nvlm_engine.load_image`
 (EXIF orientation applied, so every box is in the orientation a viewer shows), and PDFs,
-rendered page by page with pypdfium2 (PDFium, BSD/Apache) at `dpi` dots per inch with the
-page's own /Rotate applied. Knows nothing of models or prompts. Every failure is a
-`DocumentInputError` (a LangChain `ToolException`) that says what to change.
+rendered by `nvlm_langchain.pdf` (pypdfium2, the renderer ChatNVLM's PDF blocks use) at `dpi`
+dots per inch with the page's own /Rotate applied. A source a tool caller chose goes through
+the tool's `FilePolicy` first (`file_policy.py`). Knows nothing of models or prompts. Every
+failure is a `DocumentInputError` (a LangChain `ToolException`) that says what to change and
+never quotes a file's bytes.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import math
 import os
 import re
-import threading
 from dataclasses import dataclass
 
 from PIL import Image
@@ -24,28 +24,25 @@ from nvlm_engine import ImageError, load_image
 from nvlm_engine.images import DEFAULT_MAX_PIXELS, ImageSource
 from nvlm_engine.images import read_source as read_image_source  # same limits, SSRF policy and messages
 
+from ..pdf import DEFAULT_DPI, DEFAULT_MAX_BYTES, DEFAULT_MAX_PAGE_PIXELS, DEFAULT_MAX_PAGES
+from ..pdf import PDFError, PDFPageLimitError, render_pdf
 from .errors import DocumentInputError
+from .file_policy import FilePolicy
 
 __all__ = [
     "DEFAULT_DPI",
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_PAGES",
+    "DEFAULT_MAX_PAGE_PIXELS",
     "PageImage",
     "encode_png_base64",
     "load_pages",
     "parse_page_spec",
 ]
 
-# 144 dpi = exactly 2 pixels per PDF point (so pixel boxes convert to points by halving), the
-# resolution ChatNVLM renders PDF content blocks at, so a page looks the same to the model
-# either way. US Letter renders at 1224x1584 and A4 at 1191x1684, above the 896x1344 that six
-# 448 px tiles cover: rendering never limits what the model sees; 10-point text is 20 px tall.
-DEFAULT_DPI = 144
-DEFAULT_MAX_PAGES = 8
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024  # scanned PDFs run larger than single images
+# DEFAULT_DPI (144: 2 pixels per PDF point, so pixel boxes convert to points by halving) and
+# the limits are nvlm_langchain.pdf's, shared with ChatNVLM's PDF blocks.
 _PDF_MAGIC = b"%PDF-"
-# PDFium is not thread-safe (pypdfium2 documents this); async tools render in worker threads.
-_PDFIUM_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -89,7 +86,9 @@ def load_pages(
     max_pages: int = DEFAULT_MAX_PAGES,
     allow_url_fetch: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_page_pixels: int = DEFAULT_MAX_PAGE_PIXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    policy: FilePolicy | None = None,
 ) -> list[PageImage]:
     """Read an image or the requested pages of a PDF.
 
@@ -101,9 +100,13 @@ def load_pages(
         max_pages: the most pages one call may render.
         allow_url_fetch: fetch http(s) URLs (off by default: text from a model must not make
             the process open connections unless the application allows it).
-        max_pixels: the most pixels per image or rendered page (a rendered page is scaled
-            down to fit, and its `dpi` says so).
-        max_bytes: the most bytes of the file.
+        max_pixels: the most pixels per image (a larger one is refused) or rendered page.
+        max_page_pixels: the pixel budget of a rendered PDF page: a page that would exceed it
+            (or `max_pixels`) at `dpi` is rendered at a lower dpi that fits, and its `dpi` says so.
+        max_bytes: the most bytes of the file (a file is measured before it is read).
+        policy: the file rules for an untrusted source (a tool argument the calling model
+            wrote: see `FilePolicy`), applied before anything is opened; None when the source
+            is the application's own, which may name any file.
 
     Returns:
         The pages in the order asked.
@@ -113,6 +116,10 @@ def load_pages(
             out of range, too many pages.
     """
     label = describe_source(source)
+    if policy is not None and isinstance(source, (str, os.PathLike)):
+        source = policy.admit(os.fsdecode(source))
+        if isinstance(source, bytes) and not label.startswith("the base64"):
+            label += " (read as base64)"
     if isinstance(source, Image.Image):
         data: ImageSource = source
     else:
@@ -123,7 +130,9 @@ def load_pages(
         except ImageError as e:
             raise DocumentInputError(f"cannot read {label}: {e}") from e
         if _PDF_MAGIC in data[:1024]:  # PDF readers accept the header anywhere in the first 1 KiB
-            return _render_pdf(data, pages, label=label, dpi=dpi, max_pages=max_pages, max_pixels=max_pixels)
+            return _render_pdf(
+                data, pages, label=label, dpi=dpi, max_pages=max_pages, max_pixels=min(max_pixels, max_page_pixels)
+            )
     if not _single(pages):
         raise DocumentInputError(f"pages={pages!r} was given but {label} is an image, not a PDF; leave pages empty")
     return [PageImage(_load_image(data, label, max_pixels))]
@@ -184,7 +193,8 @@ def describe_source(source: object) -> str:
         head = source.lstrip()[:16].lower()
         if head.startswith("data:"):
             return f"the data URL ({source.strip()[:40]}..., {len(source)} chars)"
-        if head.startswith(("http://", "https://", "file:")) or os.path.exists(source) or len(source) < 200:
+        # Decided without looking at the disk: a label must not tell whether a file exists.
+        if head.startswith(("http://", "https://", "file:")) or len(source) < 300:
             return repr(source.strip()) if len(source) < 300 else repr(source[:300] + "...")
         return f"the base64 text ({len(source)} chars)"
     return f"a {type(source).__name__}"
@@ -198,6 +208,13 @@ def _load_image(source: ImageSource, label: str, max_pixels: int) -> Image.Image
     try:
         return load_image(source, max_pixels=max_pixels)
     except ImageError as e:
+        if isinstance(e.__cause__, Image.UnidentifiedImageError):
+            # Say only that it is no image: a tool caller must never see a file's first bytes,
+            # whatever the engine's message holds (it used to quote them).
+            raise DocumentInputError(
+                f"cannot read {label} as an image or PDF: not an image format Pillow can read; "
+                "pass a PNG, JPEG, WebP, TIFF or PDF file"
+            ) from e
         raise DocumentInputError(f"cannot read {label} as an image or PDF: {e}") from e
 
 
@@ -205,50 +222,23 @@ def _render_pdf(
     data: bytes, pages: PageSpec, *, label: str, dpi: float, max_pages: int, max_pixels: int
 ) -> list[PageImage]:
     try:
-        import pypdfium2 as pdfium
+        rendered = render_pdf(
+            data,
+            lambda count: parse_page_spec(pages, count),
+            dpi=dpi,
+            max_pages=max_pages,
+            max_page_pixels=max_pixels,
+            label=label,
+        )
     except ImportError as e:  # an optional dependency: images work without it
         raise DocumentInputError(
             f"{label} is a PDF, and reading PDFs needs pypdfium2: pip install 'pypdfium2>=4.30'"
         ) from e
-
-    if not dpi > 0:
-        raise DocumentInputError(f"dpi must be positive, got {dpi}")
-    with _PDFIUM_LOCK:
-        try:
-            document = pdfium.PdfDocument(data)
-        except pdfium.PdfiumError as e:
-            raise DocumentInputError(
-                f"cannot open {label} as a PDF ({e}); it is damaged or password-protected: re-save or decrypt it"
-            ) from e
-        try:
-            count = len(document)
-            if count == 0:
-                raise DocumentInputError(f"{label} is a PDF with no pages")
-            numbers = parse_page_spec(pages, count)
-            if len(numbers) > max_pages:
-                raise DocumentInputError(
-                    f"{len(numbers)} pages asked of {label} ({count} pages), at most {max_pages} per call; "
-                    f"pass a smaller range such as pages='1-{min(max_pages, count)}' and call again for the rest"
-                )
-            return [_render_page(document, n, count, dpi, max_pixels, label) for n in numbers]
-        finally:
-            document.close()
-
-
-def _render_page(document: object, number: int, count: int, dpi: float, max_pixels: int, label: str) -> PageImage:
-    import pypdfium2 as pdfium
-
-    try:
-        page = document[number - 1]  # type: ignore[index]
-        try:
-            width_pt, height_pt = page.get_size()  # after the page's /Rotate
-            scale = dpi / 72.0
-            if width_pt * height_pt * scale * scale > max_pixels:
-                scale = math.sqrt(max_pixels / (width_pt * height_pt)) * 0.999
-            bitmap = page.render(scale=scale, fill_color=(255, 255, 255, 255))
-            image = bitmap.to_pil().convert("RGB")
-        finally:
-            page.close()
-    except pdfium.PdfiumError as e:
-        raise DocumentInputError(f"cannot render page {number} of {label}: {e}") from e
-    return PageImage(image=image, page=number, page_count=count, dpi=scale * 72.0)
+    except PDFPageLimitError as e:
+        raise DocumentInputError(
+            f"{e.asked} pages asked of {label} ({e.page_count} pages), at most {e.max_pages} per call; pass a "
+            f"smaller range such as pages='1-{min(e.max_pages, e.page_count)}' and call again for the rest"
+        ) from e
+    except PDFError as e:
+        raise DocumentInputError(str(e)) from e
+    return [PageImage(image=p.image, page=p.number, page_count=p.page_count, dpi=p.dpi) for p in rendered]

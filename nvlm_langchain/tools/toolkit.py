@@ -5,7 +5,10 @@
 
 or, with any vision chat model (ChatNVLM(base_url=...) for a remote server, or another provider):
 
-    toolkit = NVLMDocumentToolkit(llm=my_chat_model, allow_url_fetch=True)
+    toolkit = NVLMDocumentToolkit(llm=my_chat_model, root_dir="/srv/scans", allow_url_fetch=True)
+
+The calling model names documents by path only under `root_dir` (no local file without it),
+and by http(s) URL only with `allow_url_fetch`; `document=` binds one file instead.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ class NVLMDocumentToolkit(BaseToolkit):
         llm: the vision chat model every tool calls (one loaded model for all of them).
         document: a fixed document every tool reads (an agent over one file then only
             chooses pages and options, never a path); None lets the caller pass `image`.
+        root_dir: the folder whose files the calling model may name in `image` (after
+            symlinks and `..` are resolved; relative paths start there); None: no local
+            file (see `FilePolicy`).
         dpi, max_pages, allow_url_fetch, coordinate_scale: passed to every tool (see
             `DocumentTool`).
         annotate: the localization tool adds annotated page images to its artifact.
@@ -42,6 +48,7 @@ class NVLMDocumentToolkit(BaseToolkit):
 
     llm: BaseChatModel
     document: str | None = None
+    root_dir: Path | None = None
     dpi: float = Field(default=DEFAULT_DPI, gt=0)
     max_pages: int = Field(default=DEFAULT_MAX_PAGES, ge=1)
     allow_url_fetch: bool = False
@@ -68,6 +75,7 @@ class NVLMDocumentToolkit(BaseToolkit):
         options: dict[str, Any] = {
             "llm": self.llm,
             "document": self.document,
+            "root_dir": self.root_dir,
             "dpi": self.dpi,
             "max_pages": self.max_pages,
             "allow_url_fetch": self.allow_url_fetch,

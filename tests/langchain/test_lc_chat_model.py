@@ -113,7 +113,7 @@ def test_every_image_form_reaches_the_engine_as_the_same_pixels(chat, recorder, 
         "openai http URL": {"type": "image_url", "image_url": {"url": url}},
         "anthropic URL": {"type": "image", "source": {"type": "url", "url": url}},
     }
-    fetching = chat.model_copy(update={"allow_url_fetch": True, "max_tokens": 1})
+    fetching = chat.model_copy(update={"allow_url_fetch": True, "allow_private_image_hosts": True, "max_tokens": 1})
     for name, block in forms.items():
         fetching.invoke([HumanMessage([{"type": "text", "text": "What is this?"}, block])])
     expected = chat.engine.prepare([{"role": "user", "content": [{"type": "image", "image": image}]}]).pixel_values

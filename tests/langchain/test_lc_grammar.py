@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
+import uuid
 
 import pytest
 import torch
 
 from nvlm_langchain.engines import get_engine
-from nvlm_langchain.grammar import GrammarConstraint, Grammars
+from nvlm_langchain.grammar import (
+    GrammarBusyError,
+    GrammarConstraint,
+    GrammarLimits,
+    Grammars,
+    GrammarTooComplexError,
+    check_schemas,
+)
 from nvlm_langchain.tool_calls import ToolSpec
 
 ADD = ToolSpec("add", {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
@@ -97,3 +107,122 @@ def test_the_mask_covers_the_padded_vocabulary_and_is_reused_while_unchanged(gra
     assert free_text_allowed(mask, tokenizer)
     drive(constraint, tokenizer, "Some text")
     assert constraint.allowed() is mask
+
+
+# --- the compile budget: static limits, time budget, cache (issue 10) -------------------------
+
+HOSTILE = {"type": "object", "properties": {"s": {"type": "string", "pattern": "^a{1,30000}$"}}, "required": ["s"]}
+
+
+def slow_schema() -> dict:
+    """Within every static limit, yet ~0.7 s to compile for a 152k vocabulary."""
+    pattern = "^{0}{{1,1000}}{1}{{1,1000}}{2}{{1,1000}}$"
+    props = {f"p{i}": {"type": "string", "pattern": pattern.format(*abc)}
+             for i, abc in enumerate(("abc", "def", "ghi"))}
+    return {"type": "object", "properties": props, "required": list(props)}
+
+
+def fresh_schema() -> dict:
+    name = f"k{uuid.uuid4().hex[:8]}"  # compiled by no other test
+    return {"type": "object", "properties": {name: {"type": "integer"}}, "required": [name]}
+
+
+def nested(levels: int) -> dict:
+    schema: dict = {"type": "integer"}
+    for _ in range(levels):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"email": {"type": "string", "pattern": r"^[\w.+-]+@[\w-]+\.[\w.]+$"},
+                                      "day": {"type": "string", "pattern": r"^\d{4}-\d{2}-\d{2}$"},
+                                      "id": {"type": "string",
+                                             "pattern": "^[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}$"}}},
+    {"type": "object", "properties": {"text": {"type": "string", "maxLength": 30000}, "tags": {
+        "type": "array", "items": {"type": "string", "maxLength": 50}, "minItems": 1, "maxItems": 1000}}},
+    {"type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(200)}},
+    {"enum": [f"label {i}" for i in range(1000)]},
+    nested(30),
+    slow_schema(),
+])
+def test_sane_schemas_pass_the_static_limits(schema) -> None:
+    check_schemas([("schema", schema)])
+
+
+@pytest.mark.parametrize(("schema", "bound"), [
+    (HOSTILE, "max_repeat"),
+    ({"type": "string", "pattern": "^(ab{1,100}){1,200}$"}, "max_regex_size"),
+    ({"type": "object", "patternProperties": {"^x{5000}$": {}}}, "max_repeat"),
+    ({"type": "string", "minLength": 10**6}, "max_count"),
+    ({"type": "array", "maxItems": 10**7}, "max_count"),
+    ({"type": "object", "properties": {f"p{i}": {} for i in range(2000)}}, "max_properties"),
+    (nested(800), "max_depth"),
+    ({"enum": ["x" * 300_000]}, "max_schema_chars"),
+])
+def test_hostile_schemas_are_refused_naming_the_bound(schema, bound) -> None:
+    started = time.monotonic()
+    with pytest.raises(GrammarTooComplexError, match=f"GrammarLimits.{bound}"):
+        check_schemas([("schema", schema)])
+    assert time.monotonic() - started < 0.5
+
+
+def test_keywords_inside_json_values_are_data_not_limits() -> None:
+    check_schemas([("schema", {"const": {"pattern": "a{1,99999}"}, "default": {"maxLength": 10**9}})])
+
+
+def test_chat_nvlm_refuses_a_hostile_schema_at_once(chat) -> None:
+    started = time.monotonic()
+    with pytest.raises(GrammarTooComplexError, match="30000"):
+        chat.with_structured_output({**HOSTILE, "title": "spell"})  # LangChain names a dict schema by its title
+    with pytest.raises(GrammarTooComplexError, match="30000"):
+        chat.with_structured_output({**HOSTILE, "title": "spell"}, method="function_calling")
+    response_format = {"type": "json_schema", "json_schema": {"name": "s", "schema": HOSTILE}}
+    with pytest.raises(GrammarTooComplexError, match="30000"):
+        chat.bind(response_format=response_format).invoke("hi")  # the engine's grammars check it too
+    tool = {"type": "function", "function": {"name": "spell", "parameters": HOSTILE}}
+    with pytest.raises(GrammarTooComplexError, match="30000"):
+        chat.bind_tools([tool], tool_choice="required").invoke("hi")
+    assert time.monotonic() - started < 2
+
+
+def test_a_schema_is_compiled_once_for_all_callers(grammars) -> None:
+    schema = fresh_schema()
+    compiles, hits = grammars.stats.compiles, grammars.stats.hits
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(grammars.json_schema(schema))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    again = grammars.json_schema(schema)
+    assert grammars.stats.compiles == compiles + 1  # concurrent callers share the compile, later ones hit the cache
+    assert len(results) == 4 and all(r is again for r in results) and grammars.stats.hits >= hits + 1
+
+
+def test_a_compile_past_the_budget_is_refused_and_remembered(grammars, tokenizer) -> None:
+    schema = slow_schema()
+    compiles, refused = grammars.stats.compiles, grammars.stats.refused
+    started = time.monotonic()
+    with pytest.raises(GrammarTooComplexError, match="budget"):
+        grammars.json_schema(schema, timeout_s=0.001)  # no real compile fits in 1 ms
+    assert time.monotonic() - started < 1
+    with pytest.raises(GrammarTooComplexError, match="budget"):
+        grammars.json_schema(schema, timeout_s=0.001)
+    assert grammars.stats.compiles == compiles + 1 and grammars.stats.refused == refused + 2
+    compiled = grammars.json_schema(schema, timeout_s=60)  # a larger budget than the one it ran past
+    constraint = grammars.constraint(compiled)
+    drive(constraint, tokenizer, '{"p0": "aabbbc", "p1": "def", "p2": "ghi"}')
+    assert constraint.done or allowed_ids(constraint) == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_a_full_compile_pool_answers_busy_at_once(grammars, tokenizer, chat) -> None:
+    engine = chat.engine
+    limits = GrammarLimits(timeout_s=0.001, workers=1, max_pending=1)
+    small = Grammars(tokenizer, engine.config.llm.vocab_size, [engine.token_ids.end], limits=limits)
+    with pytest.raises(GrammarTooComplexError):
+        small.json_schema(slow_schema())  # runs on past its budget, holding the one worker
+    started = time.monotonic()
+    with pytest.raises(GrammarBusyError):
+        small.json_schema(fresh_schema())
+    assert time.monotonic() - started < 0.5 and small.stats.busy == 1

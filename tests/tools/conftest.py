@@ -29,24 +29,30 @@ def recording() -> Callable[..., RecordingChatModel]:
 
 
 @pytest.fixture(scope="session")
-def invoice_pdf(tmp_path_factory: pytest.TempPathFactory) -> InvoiceDocument:
-    """A 3-page invoice PDF, made in the test session with Pillow."""
-    return make_invoice_pdf(tmp_path_factory.mktemp("docs") / "invoice.pdf")
+def docs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of the sample documents: the `root_dir` tools need to read them by path."""
+    return tmp_path_factory.mktemp("docs")
 
 
 @pytest.fixture(scope="session")
-def chart_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("docs") / "chart.png"
+def invoice_pdf(docs: Path) -> InvoiceDocument:
+    """A 3-page invoice PDF, made in the test session with Pillow."""
+    return make_invoice_pdf(docs / "invoice.pdf")
+
+
+@pytest.fixture(scope="session")
+def chart_png(docs: Path) -> Path:
+    path = docs / "chart.png"
     draw_bar_chart(path)
     return path
 
 
 @pytest.fixture(scope="session")
-def large_jpeg(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def large_jpeg(docs: Path) -> Path:
     """A 4000x3000 photo-sized JPEG with a dark square at (3000..3400, 2000..2300)."""
     image = Image.new("RGB", (4000, 3000), (235, 235, 225))
     image.paste((20, 20, 20), (3000, 2000, 3400, 2300))
-    path = tmp_path_factory.mktemp("docs") / "large.jpg"
+    path = docs / "large.jpg"
     image.save(path, format="JPEG", quality=85)
     return path
 

@@ -40,7 +40,7 @@ def call(tool, **args) -> ToolMessage:
 
 def test_ocr_plain_sends_image_then_prompt_and_returns_text(recording, chart_png: Path) -> None:
     llm = recording(["Revenue by quarter (USD k)\n120 135.5 98 160.25\nQ1 Q2 Q3 Q4"])
-    message = call(OCRTool(llm=llm), image=str(chart_png))
+    message = call(OCRTool(llm=llm, root_dir=chart_png.parent), image=str(chart_png))
     assert message.status == "success"
     (sent,) = llm.calls
     (human,) = sent
@@ -61,7 +61,8 @@ def test_ocr_grounded_on_pdf_pages_gives_pixel_spans(recording, invoice_pdf: Inv
     }
     order = iter([1, 3])
     llm = recording(lambda prompt: answers[next(order)])
-    message = call(OCRTool(llm=llm), image=str(invoice_pdf.path), pages="1,3", grounded=True)
+    tool = OCRTool(llm=llm, root_dir=invoice_pdf.path.parent)
+    message = call(tool, image=str(invoice_pdf.path), pages="1,3", grounded=True)
     assert all(
         prompt_of(c[-1]) == "Extract all texts and their bounding boxes from the given image using grounded OCR."
         for c in llm.calls
@@ -88,20 +89,21 @@ def test_ocr_grounded_on_pdf_pages_gives_pixel_spans(recording, invoice_pdf: Inv
 
 def test_ocr_grounded_without_any_box_is_an_error_quoting_the_answer(recording, chart_png: Path) -> None:
     llm = recording(["Revenue by quarter (USD k) Q1 Q2 Q3 Q4"])
-    message = call(OCRTool(llm=llm), image=str(chart_png), grounded=True)
+    message = call(OCRTool(llm=llm, root_dir=chart_png.parent), image=str(chart_png), grounded=True)
     assert message.status == "error"
     assert "no text box could be read" in message.content
     assert "Revenue by quarter (USD k) Q1 Q2 Q3 Q4" in message.content
     assert "grounded=false" in message.content
     with pytest.raises(ModelOutputError) as raised:
-        OCRTool(llm=recording(["plain words"]), handle_tool_error=False).invoke(
+        OCRTool(llm=recording(["plain words"]), handle_tool_error=False, root_dir=chart_png.parent).invoke(
             {"image": str(chart_png), "grounded": True}
         )
     assert raised.value.raw_outputs == ["plain words"]
 
 
 def test_ocr_region_returns_the_region_as_span(recording, chart_png: Path) -> None:
-    message = call(OCRTool(llm=recording(["160.25"])), image=str(chart_png), region=[620, 80, 718, 100])
+    tool = OCRTool(llm=recording(["160.25"]), root_dir=chart_png.parent)
+    message = call(tool, image=str(chart_png), region=[620, 80, 718, 100])
     result: OCRResult = message.artifact
     assert result.mode == "region"
     (span,) = result.pages[0].spans
@@ -117,14 +119,15 @@ def test_ocr_region_returns_the_region_as_span(recording, chart_png: Path) -> No
     ],
 )
 def test_ocr_bad_region(recording, chart_png: Path, region: list[int], message: str) -> None:
-    result = call(OCRTool(llm=recording(["x"])), image=str(chart_png), region=region)
+    result = call(OCRTool(llm=recording(["x"]), root_dir=chart_png.parent), image=str(chart_png), region=region)
     assert result.status == "error"
     assert re.search(message, result.content), result.content
 
 
 def test_long_text_is_clipped_for_the_model_but_whole_in_the_artifact(recording, chart_png: Path) -> None:
     text = "word " * 2000
-    message = call(OCRTool(llm=recording([text]), max_content_chars=500), image=str(chart_png))
+    tool = OCRTool(llm=recording([text]), max_content_chars=500, root_dir=chart_png.parent)
+    message = call(tool, image=str(chart_png))
     assert len(message.content) < 600 and "more characters in the tool's artifact" in message.content
     assert message.artifact.pages[0].text == text.strip()
 
@@ -136,7 +139,8 @@ TABLE_ANSWER = "| Quarter | Revenue (USD k) |\n|---|---|\n| Q1 | 120 |\n| Q2 | 1
 
 def test_chart_table_and_question(recording, chart_png: Path) -> None:
     llm = recording(lambda prompt: TABLE_ANSWER if "data table" in prompt else "160.25")
-    message = call(ChartTool(llm=llm), image=str(chart_png), question="What is the highest revenue?")
+    tool = ChartTool(llm=llm, root_dir=chart_png.parent)
+    message = call(tool, image=str(chart_png), question="What is the highest revenue?")
     assert [prompt_of(c[-1]) for c in llm.calls] == [
         "Convert the chart into a data table in markdown format. Use the first row for the column headers "
         "and write units in the headers, for example 'Revenue (USD)'.",
@@ -154,13 +158,15 @@ def test_chart_table_and_question(recording, chart_png: Path) -> None:
 
 def test_chart_question_only(recording, chart_png: Path) -> None:
     llm = recording(["Q4"])
-    message = call(ChartTool(llm=llm), image=str(chart_png), question="Which quarter is highest?", extract_table=False)
+    tool = ChartTool(llm=llm, root_dir=chart_png.parent)
+    message = call(tool, image=str(chart_png), question="Which quarter is highest?", extract_table=False)
     assert len(llm.calls) == 1 and message.artifact.pages[0].table is None
     assert message.content == "Answer: Q4"
 
 
 def test_chart_unparseable_table_is_an_error_quoting_the_answer(recording, chart_png: Path) -> None:
-    message = call(ChartTool(llm=recording(["The chart shows revenue going up."])), image=str(chart_png))
+    tool = ChartTool(llm=recording(["The chart shows revenue going up."]), root_dir=chart_png.parent)
+    message = call(tool, image=str(chart_png))
     assert message.status == "error"
     assert "no data table could be read" in message.content
     assert "--- the image ---\nThe chart shows revenue going up." in message.content
@@ -168,7 +174,7 @@ def test_chart_unparseable_table_is_an_error_quoting_the_answer(recording, chart
 
 def test_chart_unparseable_table_with_an_answer_keeps_the_answer(recording, chart_png: Path) -> None:
     llm = recording(lambda prompt: "It goes up." if "data table" in prompt else "Q4")
-    message = call(ChartTool(llm=llm), image=str(chart_png), question="Best quarter?")
+    message = call(ChartTool(llm=llm, root_dir=chart_png.parent), image=str(chart_png), question="Best quarter?")
     assert message.status == "success"
     page = message.artifact.pages[0]
     assert page.table is None and page.raw_table_text == "It goes up." and page.answer == "Q4"
@@ -176,7 +182,8 @@ def test_chart_unparseable_table_with_an_answer_keeps_the_answer(recording, char
 
 
 def test_chart_with_nothing_to_do(recording, chart_png: Path) -> None:
-    message = call(ChartTool(llm=recording(["x"])), image=str(chart_png), extract_table=False)
+    tool = ChartTool(llm=recording(["x"]), root_dir=chart_png.parent)
+    message = call(tool, image=str(chart_png), extract_table=False)
     assert message.status == "error" and "nothing to do" in message.content
 
 
@@ -199,7 +206,8 @@ def test_locate_text_on_a_pdf_gives_pixel_boxes_and_annotation(recording, invoic
         )
 
     llm = recording(answer)
-    message = call(LocateTool(llm=llm, annotate=True), image=str(invoice_pdf.path), query="Total due")
+    tool = LocateTool(llm=llm, annotate=True, root_dir=invoice_pdf.path.parent)
+    message = call(tool, image=str(invoice_pdf.path), query="Total due")
     assert prompt_of(llm.calls[0][-1]) == 'Locate the text "Total due" in the image.'
     result: LocateResult = message.artifact
     assert [len(p.boxes) for p in result.pages] == [0, 0, 1]
@@ -215,7 +223,8 @@ def test_locate_text_on_a_pdf_gives_pixel_boxes_and_annotation(recording, invoic
 
 def test_locate_object_prompt_and_quads(recording, chart_png: Path) -> None:
     llm = recording(["<ref>the tallest bar</ref><quad>(775,166),(898,166),(898,875),(775,875)</quad>"])
-    message = call(LocateTool(llm=llm), image=str(chart_png), query="the tallest bar", target="object")
+    tool = LocateTool(llm=llm, root_dir=chart_png.parent)
+    message = call(tool, image=str(chart_png), query="the tallest bar", target="object")
     assert prompt_of(llm.calls[0][-1]) == (
         "Please provide the bounding box coordinate of the region this sentence describes: <ref>the tallest bar</ref>"
     )
@@ -226,7 +235,7 @@ def test_locate_object_prompt_and_quads(recording, chart_png: Path) -> None:
 
 def test_locate_without_any_box_is_an_error_quoting_every_answer(recording, invoice_pdf: InvoiceDocument) -> None:
     llm = recording(["not here", "not here either", "<ref>Total</ref><box>(12,3"])
-    message = call(LocateTool(llm=llm), image=str(invoice_pdf.path), query="Total")
+    message = call(LocateTool(llm=llm, root_dir=invoice_pdf.path.parent), image=str(invoice_pdf.path), query="Total")
     assert message.status == "error"
     for text in (
         "--- page 1 of 3 ---\nnot here",
@@ -238,7 +247,7 @@ def test_locate_without_any_box_is_an_error_quoting_every_answer(recording, invo
 
 def test_coordinate_scale_is_configurable(recording, chart_png: Path) -> None:
     llm = recording(["<box>(0.25,0.5),(0.5,1)</box>"])
-    message = call(LocateTool(llm=llm, coordinate_scale=1), image=str(chart_png), query="x")
+    message = call(LocateTool(llm=llm, coordinate_scale=1, root_dir=chart_png.parent), image=str(chart_png), query="x")
     assert message.artifact.pages[0].boxes[0].box == (200, 300, 400, 600)
 
 
@@ -246,10 +255,11 @@ def test_coordinate_scale_is_configurable(recording, chart_png: Path) -> None:
 
 
 def test_input_errors_are_tool_errors(recording, invoice_pdf: InvoiceDocument, tmp_path: Path) -> None:
-    tool = LocateTool(llm=recording(["x"]))
+    tool = LocateTool(llm=recording(["x"]), root_dir=invoice_pdf.path.parent)
     cases = {
         "page 7 is out of range: the PDF has 3 pages": {"image": str(invoice_pdf.path), "pages": "7", "query": "x"},
-        "neither an existing file nor base64": {"image": str(tmp_path / "nope.png"), "query": "x"},
+        "nope.png': no such file under": {"image": str(invoice_pdf.path.parent / "nope.png"), "query": "x"},
+        "outside the folder this tool may read": {"image": str(tmp_path / "nope.png"), "query": "x"},
         "invalid arguments \\(query: String should have at least 1 character": {"image": "x", "query": ""},
         "invalid arguments \\(target: Input should be 'text' or 'object'": {
             "image": "x",
@@ -261,16 +271,16 @@ def test_input_errors_are_tool_errors(recording, invoice_pdf: InvoiceDocument, t
         message = call(tool, **args)
         assert message.status == "error" and re.search(expected, message.content), message.content
     with pytest.raises(ToolException, match="out of range"):
-        LocateTool(llm=recording(["x"]), handle_tool_error=False).invoke(
+        LocateTool(llm=recording(["x"]), handle_tool_error=False, root_dir=invoice_pdf.path.parent).invoke(
             {"image": str(invoice_pdf.path), "pages": 9, "query": "x"}
         )
 
 
 def test_async_tools_match_sync(recording, invoice_pdf: InvoiceDocument, chart_png: Path) -> None:
     async def run() -> list[ToolMessage]:
-        ocr = OCRTool(llm=recording(["page text"]))
-        chart = ChartTool(llm=recording([TABLE_ANSWER]))
-        locate = LocateTool(llm=recording(["<ref>Total</ref><box>(1,2),(3,4)</box>"]))
+        ocr = OCRTool(llm=recording(["page text"]), root_dir=invoice_pdf.path.parent)
+        chart = ChartTool(llm=recording([TABLE_ANSWER]), root_dir=chart_png.parent)
+        locate = LocateTool(llm=recording(["<ref>Total</ref><box>(1,2),(3,4)</box>"]), root_dir=chart_png.parent)
         return await asyncio.gather(
             ocr.ainvoke(
                 {

@@ -111,7 +111,7 @@ def test_exif_rotated_input_keeps_boxes_in_displayed_orientation(tmp_path: Path,
     answer = f"<ref>square</ref>{format_box(model_box)}"
     llm = recording([answer])
     result = (
-        LocateTool(llm=llm)
+        LocateTool(llm=llm, root_dir=tmp_path)
         .invoke(
             {
                 "type": "tool_call",
@@ -134,7 +134,7 @@ def test_exif_rotated_input_keeps_boxes_in_displayed_orientation(tmp_path: Path,
 
 def test_region_prompt_uses_integer_model_coords(recording, chart_png: Path) -> None:
     llm = recording(["120"])
-    OCRTool(llm=llm).invoke({"image": str(chart_png), "region": [132, 207, 230, 525]})
+    OCRTool(llm=llm, root_dir=chart_png.parent).invoke({"image": str(chart_png), "region": [132, 207, 230, 525]})
     (call,) = llm.calls
     text = call[-1].content[1]["text"]
     # 800x600 chart: 132 px -> 165, 207 px -> 345, 230 -> 287.5 -> 288, 525 -> 875
@@ -156,5 +156,5 @@ def test_png_sent_to_model_is_lossless(tmp_path: Path, recording) -> None:
     image.save(buffer, format="PNG")
     (tmp_path / "noise.png").write_bytes(buffer.getvalue())
     llm = recording(["x"])
-    OCRTool(llm=llm).invoke({"image": str(tmp_path / "noise.png")})
+    OCRTool(llm=llm, root_dir=tmp_path).invoke({"image": str(tmp_path / "noise.png")})
     assert llm.sent_images()[0].convert("RGB").tobytes() == image.tobytes()

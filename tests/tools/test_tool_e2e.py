@@ -51,7 +51,7 @@ def ask_directly(llm: Any, source: Any, prompt: str, page: int | None = None) ->
 
 
 def test_ocr_reads_every_page_of_a_pdf(chat_nvlm, invoice_pdf: InvoiceDocument) -> None:
-    message = call(OCRTool(llm=chat_nvlm), image=str(invoice_pdf.path))
+    message = call(OCRTool(llm=chat_nvlm, root_dir=invoice_pdf.path.parent), image=str(invoice_pdf.path))
     assert message.status == "success"
     result: OCRResult = message.artifact
     assert [p.page.page for p in result.pages] == [1, 2, 3]
@@ -61,7 +61,7 @@ def test_ocr_reads_every_page_of_a_pdf(chat_nvlm, invoice_pdf: InvoiceDocument) 
 
 
 def test_grounded_ocr_gives_spans_or_quotes_the_answer(chat_nvlm, invoice_pdf: InvoiceDocument) -> None:
-    tool = OCRTool(llm=chat_nvlm, handle_tool_error=False)
+    tool = OCRTool(llm=chat_nvlm, handle_tool_error=False, root_dir=invoice_pdf.path.parent)
     expected = ask_directly(chat_nvlm, str(invoice_pdf.path), GROUNDED_OCR_PROMPT, 1)
     try:
         result: OCRResult = tool.invoke({"image": str(invoice_pdf.path), "pages": "1", "grounded": True})
@@ -69,7 +69,8 @@ def test_grounded_ocr_gives_spans_or_quotes_the_answer(chat_nvlm, invoice_pdf: I
         assert e.raw_outputs == [expected] and expected in str(e)
     else:
         # tool.invoke without a tool call returns the content only; ask again for the artifact.
-        result = call(OCRTool(llm=chat_nvlm), image=str(invoice_pdf.path), pages=1, grounded=True).artifact
+        tool = OCRTool(llm=chat_nvlm, root_dir=invoice_pdf.path.parent)
+        result = call(tool, image=str(invoice_pdf.path), pages=1, grounded=True).artifact
         assert result.pages[0].raw_text == expected
         assert all(
             0 <= s.box[0] <= s.box[2] <= 1224 and 0 <= s.box[1] <= s.box[3] <= 1584 for s in result.pages[0].spans
@@ -77,7 +78,7 @@ def test_grounded_ocr_gives_spans_or_quotes_the_answer(chat_nvlm, invoice_pdf: I
 
 
 def test_chart_table_and_answer(chat_nvlm, chart_png: Path) -> None:
-    tool = ChartTool(llm=chat_nvlm)
+    tool = ChartTool(llm=chat_nvlm, root_dir=chart_png.parent)
     message = call(tool, image=str(chart_png), question="Which quarter had the highest revenue?")
     assert message.status == "success"  # with a question, an unreadable table is reported, not fatal
     result: ChartResult = message.artifact
@@ -91,7 +92,10 @@ def test_chart_table_and_answer(chat_nvlm, chart_png: Path) -> None:
 
 def test_locate_on_a_4000x3000_photo(chat_nvlm, large_jpeg: Path) -> None:
     message = call(
-        LocateTool(llm=chat_nvlm, annotate=True), image=str(large_jpeg), query="the dark square", target="object"
+        LocateTool(llm=chat_nvlm, annotate=True, root_dir=large_jpeg.parent),
+        image=str(large_jpeg),
+        query="the dark square",
+        target="object",
     )
     expected = ask_directly(
         chat_nvlm,
@@ -109,16 +113,17 @@ def test_locate_on_a_4000x3000_photo(chat_nvlm, large_jpeg: Path) -> None:
 
 
 def test_ocr_and_chart_on_the_4000x3000_photo(chat_nvlm, large_jpeg: Path) -> None:
-    ocr = call(OCRTool(llm=chat_nvlm), image=str(large_jpeg))
+    ocr = call(OCRTool(llm=chat_nvlm, root_dir=large_jpeg.parent), image=str(large_jpeg))
     assert ocr.status == "success"
     assert (ocr.artifact.pages[0].page.width, ocr.artifact.pages[0].page.height) == (4000, 3000)
-    chart = call(ChartTool(llm=chat_nvlm), image=str(large_jpeg), question="How many squares?", extract_table=False)
+    chart = ChartTool(llm=chat_nvlm, root_dir=large_jpeg.parent)
+    chart = call(chart, image=str(large_jpeg), question="How many squares?", extract_table=False)
     assert chart.status == "success" and chart.artifact.pages[0].answer is not None
 
 
 def test_async_tools_on_pdf_pages(chat_nvlm, invoice_pdf: InvoiceDocument) -> None:
-    chart = ChartTool(llm=chat_nvlm)
-    locate = LocateTool(llm=chat_nvlm)
+    chart = ChartTool(llm=chat_nvlm, root_dir=invoice_pdf.path.parent)
+    locate = LocateTool(llm=chat_nvlm, root_dir=invoice_pdf.path.parent)
 
     async def run() -> tuple[ToolMessage, ToolMessage]:
         first = await chart.ainvoke(
@@ -162,7 +167,7 @@ def test_async_tools_on_pdf_pages(chat_nvlm, invoice_pdf: InvoiceDocument) -> No
 
 
 def test_page_out_of_range_never_reaches_the_model(chat_nvlm, invoice_pdf: InvoiceDocument) -> None:
-    message = call(OCRTool(llm=chat_nvlm), image=str(invoice_pdf.path), pages="4")
+    message = call(OCRTool(llm=chat_nvlm, root_dir=invoice_pdf.path.parent), image=str(invoice_pdf.path), pages="4")
     assert message.status == "error" and message.content.startswith("page 4 is out of range: the PDF has 3 pages")
 
 
