@@ -19,7 +19,6 @@ tokens per tile.
 
 from __future__ import annotations
 
-import enum
 import functools
 import logging
 import re
@@ -27,13 +26,19 @@ import secrets
 import threading
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
 from nvlm_engine.errors import CheckpointError, PromptError
+from nvlm_engine.prompt_messages import (
+    ImageSlot,
+    Prompt,
+    PromptDialect,
+    PromptMessage,
+    check_text,
+    validate_conversation,
+)
 from nvlm_engine.tokenizer import ENDOFTEXT, IM_END, IM_START, VISION_PAD, SpecialTokens
 
 __all__ = [
@@ -52,8 +57,6 @@ DEFAULT_SYSTEM_PROMPT = "Answer the questions."
 # The Qwen2.5 chat template's own default, what vLLM's server sends when a request has no system message.
 QWEN_DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
-_ROLES = ("system", "user", "assistant")
-
 # `min_text_tokens` tokenizes long text in pieces of this many characters (~10 MB of token data
 # each), allowing each cut between pieces to have saved this many tokens (a cut changes the count
 # by a token or two: the word or space run it splits, a combining mark it separates).
@@ -63,61 +66,6 @@ _TOKENS_PER_CUT = 8
 
 class _Control(str):
     """A control token that the layout itself writes: spliced in by id, never searched for in text."""
-
-
-@dataclass(frozen=True)
-class ImageSlot:
-    """Where one image goes in a message, and how many feature tiles it has.
-
-    Attributes:
-        num_tiles: tiles of the image including the thumbnail; 1 means a one-tile image,
-            which has no thumbnail (so 7 = a 6-tile grid plus its thumbnail).
-    """
-
-    num_tiles: int
-
-    def __post_init__(self) -> None:
-        if isinstance(self.num_tiles, bool) or not isinstance(self.num_tiles, int) or self.num_tiles < 1:
-            raise PromptError(f"ImageSlot.num_tiles must be an int >= 1, got {self.num_tiles!r}")
-
-
-@dataclass(frozen=True)
-class PromptMessage:
-    """One chat turn.
-
-    Attributes:
-        role: "system", "user" or "assistant".
-        parts: text and images in order. Only user messages may hold images.
-    """
-
-    role: Literal["system", "user", "assistant"]
-    parts: tuple[str | ImageSlot, ...]
-
-
-class PromptDialect(str, enum.Enum):
-    """Which published prompt layout to reproduce."""
-
-    REFERENCE = "reference"
-    """The HF model card's `chat()`: ChatML with MPT separators, no newline after `<|im_end|>`."""
-    VLLM = "vllm"
-    """vLLM's OpenAI server: the tokenizer's Qwen2.5 `chat_template`, newline after `<|im_end|>`."""
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A tokenized prompt.
-
-    Attributes:
-        token_ids: prompt ids, no BOS; ends with `<|im_start|>assistant\\n` when a generation
-            prompt was asked for.
-        image_token_count: number of `<|vision_pad|>` ids, which must equal the number of
-            image feature rows merged into the embeddings (sum of num_tiles x tokens per tile).
-        num_images: number of image slots.
-    """
-
-    token_ids: list[int]
-    image_token_count: int
-    num_images: int
 
 
 class PromptBuilder:
@@ -157,7 +105,7 @@ class PromptBuilder:
         if isinstance(tokens_per_tile, bool) or not isinstance(tokens_per_tile, int) or tokens_per_tile < 1:
             raise PromptError(f"tokens_per_tile must be an int >= 1, got {tokens_per_tile!r}")
         if system_prompt is not None:
-            _check_text(system_prompt, "the builder's system_prompt")
+            check_text(system_prompt, "the builder's system_prompt")
         if self.dialect is PromptDialect.VLLM and not tokenizer.chat_template:
             raise CheckpointError(
                 "the VLLM prompt dialect renders with the tokenizer's chat_template, and this tokenizer has "
@@ -296,7 +244,7 @@ class PromptBuilder:
     # --- 1. validate, 2. lay out in the dialect ------------------------------------------
 
     def _segments(self, messages: Sequence[PromptMessage], add_generation_prompt: bool) -> list[str | ImageSlot]:
-        system_message, turns = _validate(messages, add_generation_prompt)
+        system_message, turns = validate_conversation(messages, add_generation_prompt)
         # A leading system message wins over the builder's system prompt. Its text parts are
         # joined the way each dialect joins text parts: verbatim (reference), "\n" (vLLM).
         joiner = "" if self.dialect is PromptDialect.REFERENCE else "\n"
@@ -477,54 +425,3 @@ def _reference_segments(
 
 def _texts(message: PromptMessage) -> list[str]:
     return [part for part in message.parts if isinstance(part, str)]
-
-
-def _validate(
-    messages: Sequence[PromptMessage], add_generation_prompt: bool
-) -> tuple[PromptMessage | None, list[PromptMessage]]:
-    """Checks the conversation; returns the leading system message (or None) and the other turns."""
-    if isinstance(messages, (str, PromptMessage)) or not isinstance(messages, Sequence):
-        raise PromptError(f"messages must be a sequence of PromptMessage, got {type(messages).__name__}")
-    if not messages:
-        raise PromptError("the conversation is empty: pass at least one user message")
-    for i, message in enumerate(messages):
-        if not isinstance(message, PromptMessage):
-            raise PromptError(f"message {i} must be a PromptMessage, got {type(message).__name__}")
-        if message.role not in _ROLES:
-            raise PromptError(f"message {i} has role {message.role!r}; expected one of {list(_ROLES)}")
-        if isinstance(message.parts, str) or not isinstance(message.parts, Sequence):
-            raise PromptError(
-                f"message {i}: parts must be a tuple of str and ImageSlot, got {type(message.parts).__name__}; "
-                "wrap a single text as parts=(text,)"
-            )
-        for j, part in enumerate(message.parts):
-            if isinstance(part, str):
-                _check_text(part, f"message {i} part {j}")
-            elif not isinstance(part, ImageSlot):
-                raise PromptError(f"message {i} part {j} must be a str or an ImageSlot, got {type(part).__name__}")
-            elif message.role != "user":
-                raise PromptError(
-                    f"message {i} is a {message.role} message with an image; only user messages take images"
-                )
-        if message.role == "system" and i > 0:
-            raise PromptError(f"message {i} is a system message; a system message may only come first")
-        if message.role == "user" and not message.parts:
-            raise PromptError(f"message {i} is a user message without parts")
-
-    turns = list(messages)
-    system = turns.pop(0) if turns[0].role == "system" else None
-    if not turns:
-        raise PromptError("the conversation has only a system message: add a user message")
-    if add_generation_prompt and turns[-1].role == "assistant":
-        raise PromptError(
-            "the conversation ends with an assistant message while add_generation_prompt=True; "
-            "end with a user message, or pass add_generation_prompt=False"
-        )
-    return system, turns
-
-
-def _check_text(text: str, where: str) -> None:
-    # A typed "<|vision_pad|>" would tokenize to the pad id and shift every image feature
-    # after it; the reference would accept it and fail (or misalign) in the embedding merge.
-    if VISION_PAD in text:
-        raise PromptError(f"{where} contains {VISION_PAD!r}, which is reserved for image features; remove it")
