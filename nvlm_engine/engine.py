@@ -291,6 +291,10 @@ class NVLMEngine:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         stop_token_ids: Sequence[int] | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        logprobs: bool | None = None,
+        top_logprobs: int | None = None,
         max_tiles: int | None = None,
         cancel: threading.Event | None = None,
         constraint: TokenConstraint | None = None,
@@ -305,6 +309,10 @@ class NVLMEngine:
                 except repetition_penalty).
             stop: strings that end the answer (not included in it).
             stop_token_ids: ids that end the answer besides `<|im_end|>`.
+            presence_penalty, frequency_penalty: OpenAI's penalties on tokens already
+                generated, each in [-2, 2] (default 0, off; applied also when greedy).
+            logprobs: record each generated token's log-probability (`GenerationResult.logprobs`,
+                `Delta.logprobs`); top_logprobs (0..20, needs logprobs) adds the likeliest alternatives.
             max_tiles: tiles per image for this request (1..12).
             cancel: an event another thread may set to stop this request.
             constraint: restricts each next token (a grammar matcher, see `TokenConstraint`);
@@ -318,6 +326,8 @@ class NVLMEngine:
         sampling = make_options(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             repetition_penalty=repetition_penalty, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
+            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+            logprobs=logprobs, top_logprobs=top_logprobs,
         )
         turns, sources = self._parse(messages)
         # Text that cannot fit is refused before any image is read, and before it is tokenized

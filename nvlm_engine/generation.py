@@ -10,6 +10,9 @@ A failure that belongs to one request (seeding its generator, choosing its token
 that fails only with it in the group) ends that request alone with a `RequestFailedError`;
 the rest of the batch goes on token for token as if it had never been there.
 
+Requests that ask for `logprobs` get each generated token's log-probability under the raw
+logits (`TokenLogprob`), computed for all of them at once per step.
+
 Knows the model's forward functions and a tokenizer's `decode`; knows nothing of images on
 disk, prompt formats or public API shapes.
 """
@@ -26,7 +29,14 @@ import torch
 
 from .errors import NVLMError, RequestFailedError
 from .model import LLMStep, NVLMModel, build_attention_mask
-from .sampling import SamplingOptions, TokenConstraint, apply_constraint, apply_repetition_penalty, sample_token
+from .sampling import (
+    SamplingOptions,
+    TokenConstraint,
+    apply_constraint,
+    apply_presence_frequency_penalty,
+    apply_repetition_penalty,
+    sample_token,
+)
 from .textstream import Decoder, TextStream
 
 logger = logging.getLogger(__name__)
@@ -46,6 +56,26 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """The log-probability of one generated token, and optionally of the likeliest alternatives.
+
+    Log-probabilities are `log_softmax` (fp32) of the model's raw next-token logits at that
+    step: before the repetition, presence and frequency penalties, temperature, top-k/top-p
+    and constraint masks. This is what vLLM returns by default ("raw logprobs"), so a greedy
+    token is always the top-1 entry whatever the sampling settings.
+
+    Attributes:
+        token_id: the generated token.
+        logprob: its log-probability.
+        top: the request's `top_logprobs` likeliest `(token_id, logprob)` pairs, descending.
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     """The outcome of one request.
 
@@ -57,6 +87,8 @@ class GenerationResult:
         token_ids: the generated ids, without the end token.
         timings: seconds: "preprocess" (images + prompt), "first_token" (from the request's
             start), "total".
+        logprobs: one `TokenLogprob` per id of `token_ids` when the request asked for
+            `logprobs`, else None.
     """
 
     text: str
@@ -64,6 +96,7 @@ class GenerationResult:
     usage: Usage
     token_ids: list[int]
     timings: dict[str, float] = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -85,12 +118,15 @@ class Delta:
     """Text that became safe to show for request `index`.
 
     Its last delta has `result` set when it finished, or `error` set (and no result) when it failed.
+    `logprobs` holds the entries of the tokens recorded since the request's previous delta, so
+    the deltas' logprobs, concatenated, are the result's (empty unless the request asked).
     """
 
     index: int
     text: str
     result: GenerationResult | None = None
     error: RequestFailedError | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -112,9 +148,22 @@ class _Row:
         self.generator = request.options.generator(device)
         self.stream = TextStream(decoder, request.options.stop)
         self.generated: list[int] = []
-        self.seen = torch.tensor(request.prompt_ids, dtype=torch.long)
+        self.logprobs: list[TokenLogprob] = []  # one per generated token, when asked
+        self.unsent = 0  # logprobs not yet handed out in a delta
+        # Per-vocabulary state of the penalties, on the logits' device, updated in place per
+        # token; made at the first step, when the vocabulary width is known.
+        self.seen: torch.Tensor | None = None  # bool [V]: prompt and generated ids (repetition)
+        self.counts: torch.Tensor | None = None  # fp32 [V]: generated ids (presence, frequency)
         self.first_token_at: float | None = None
         self.finish_reason: str | None = None
+
+    def take_logprobs(self) -> tuple[TokenLogprob, ...]:
+        """The logprobs recorded since the last call (the next delta's)."""
+        if not self.unsent:
+            return ()
+        taken = tuple(self.logprobs[-self.unsent :])
+        self.unsent = 0
+        return taken
 
     def result(self) -> GenerationResult:
         now = time.perf_counter()
@@ -124,6 +173,7 @@ class _Row:
             finish_reason=self.finish_reason or "stop",
             usage=Usage(len(request.prompt_ids), len(self.generated), request.image_tokens),
             token_ids=list(self.generated),
+            logprobs=list(self.logprobs) if self.options.logprobs else None,
             timings={
                 "preprocess": request.preprocess_s,
                 "first_token": (self.first_token_at or now) - request.started,
@@ -257,22 +307,36 @@ class DecodeBatch:
         A row whose token cannot be chosen or recorded ends alone with an error delta.
         """
         assert self.logits is not None and self.step is not None and self.valid is not None
-        deltas: list[Delta] = []
+        outcomes: list[Delta | tuple[_Row, str]] = []  # per row: its failure, or its new text
         tokens: list[int] = []
+        picks: list[tuple[int, int]] = []  # (batch row, token) of recorded tokens asking for logprobs
         for i, row in enumerate(self.rows):
             try:
                 token = _choose(row, self.logits[i])
-                delta = _advance(row, token, self.ids.end)
+                before = len(row.generated)
+                text = _advance(row, token, self.ids.end)
             except Exception as e:  # this row's sampling or constraint: never the batch's
                 row.finish_reason = "error"
                 tokens.append(self.ids.pad)  # dropped with the row below
-                deltas.append(_failed(row.index, "decode", f"choosing token {len(row.generated) + 1}", e))
+                outcomes.append(_failed(row.index, "decode", f"choosing token {len(row.generated) + 1}", e))
                 continue
             tokens.append(token)
+            if row.options.logprobs and len(row.generated) > before:
+                picks.append((i, token))
+            outcomes.append((row, text))
+        if picks:
+            _record_logprobs(self.logits, [self.rows[i] for i, _ in picks], picks)
+        deltas: list[Delta] = []
+        for outcome in outcomes:
+            if isinstance(outcome, Delta):
+                deltas.append(outcome)
+                continue
+            row, text = outcome
             if row.finish_reason is not None:
-                deltas.append(Delta(row.index, delta + row.stream.finish(), row.result()))
-            elif delta:
-                deltas.append(Delta(row.index, delta))
+                text += row.stream.finish()
+                deltas.append(Delta(row.index, text, row.result(), logprobs=row.take_logprobs()))
+            elif text:
+                deltas.append(Delta(row.index, text, logprobs=row.take_logprobs()))
         keep = [i for i, row in enumerate(self.rows) if row.finish_reason is None]
         if len(keep) < len(self.rows):
             self.rows = [self.rows[i] for i in keep]
@@ -341,10 +405,44 @@ def _failed(index: int, stage: str, doing: str, cause: Exception) -> Delta:
     return Delta(index, "", error=error)
 
 
+def _record_logprobs(logits: torch.Tensor, rows: list[_Row], picks: list[tuple[int, int]]) -> None:
+    """Append each picked token's `TokenLogprob` to its row, from the raw logits [B, V].
+
+    One `log_softmax` over the rows that ask and one copy to the host for all of them.
+    """
+    device = logits.device
+    index = torch.tensor([i for i, _ in picks], device=device)
+    chosen = torch.tensor([t for _, t in picks], device=device)
+    logprobs = torch.log_softmax(logits[index].float(), dim=-1)  # [R, V]
+    columns = [logprobs.gather(1, chosen[:, None]).double()]  # [R, 1]
+    k = min(max(row.options.top_logprobs for row in rows), logprobs.shape[-1])
+    if k:
+        top = torch.topk(logprobs, k, dim=-1)  # sorted, descending
+        # Ids travel as float64 (exact below 2**53) so everything crosses to the host at once.
+        columns += [top.values.double(), top.indices.double()]
+    host = torch.cat(columns, dim=1).tolist()  # [R, 1 + 2k]
+    for row, (_, token), values in zip(rows, picks, host):
+        n = row.options.top_logprobs
+        top_pairs = tuple((int(values[1 + k + j]), values[1 + j]) for j in range(n))
+        row.logprobs.append(TokenLogprob(token, values[0], top_pairs))
+        row.unsent += 1
+
+
 def _choose(row: _Row, logits: torch.Tensor) -> int:
+    """Penalties (vLLM's order: repetition, then presence/frequency), constraint, sampling."""
     options = row.options
     if options.repetition_penalty != 1.0:
+        if row.seen is None:
+            row.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            seen = torch.tensor(row.request.prompt_ids + row.generated, dtype=torch.long)
+            row.seen[seen.to(logits.device)] = True
         logits = apply_repetition_penalty(logits, row.seen, options.repetition_penalty)
+    if options.presence_penalty or options.frequency_penalty:
+        if row.counts is None:
+            row.counts = torch.zeros(logits.shape[-1], dtype=torch.float32, device=logits.device)
+        logits = apply_presence_frequency_penalty(
+            logits, row.counts, options.presence_penalty, options.frequency_penalty
+        )
     logits = apply_constraint(logits, row.request.constraint)
     return sample_token(logits, options, row.generator)
 
@@ -363,8 +461,10 @@ def _advance(row: _Row, token: int, end_id: int) -> str:
     if constraint is not None:
         constraint.accept(token)
     row.generated.append(token)
-    if row.options.repetition_penalty != 1.0:
-        row.seen = torch.cat([row.seen, torch.tensor([token])])
+    if row.seen is not None:
+        row.seen[token] = True  # in place on the device: no host sync, no copy of the history
+    if row.counts is not None:
+        row.counts[token] += 1
     delta = row.stream.push(token)
     if row.stream.stopped or (constraint is not None and constraint.done):
         row.finish_reason = "stop"

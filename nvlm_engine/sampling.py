@@ -24,6 +24,8 @@ GREEDY_BELOW = 1e-5
 to inf, the softmax turns NaN and sampling fails. At 1e-5 sampling is already argmax for any
 pair of logits more than ~1e-3 apart, so nothing a caller could want is lost."""
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+
 SEED_MODULUS = 2**64
 """Seeds are reduced modulo 2**64, the range `torch.Generator.manual_seed` accepts. Seeds
 already in [-2**63, 2**64) keep the stream torch gives them (it reads a negative seed as its
@@ -47,6 +49,13 @@ class SamplingOptions:
             integer; stored reduced modulo 2**64 (`SEED_MODULUS`), so seeding never fails.
         stop: strings that end the answer; they are not included in the text.
         stop_token_ids: token ids that end the answer besides `<|im_end|>`.
+        presence_penalty: in [-2, 2]; subtracted once from the logit of every token already
+            generated for this request (OpenAI's rule; 0 disables it).
+        frequency_penalty: in [-2, 2]; subtracted from a token's logit once per time it was
+            already generated (OpenAI's rule; 0 disables it). Both count the generated tokens
+            only, not the prompt, as OpenAI and vLLM do.
+        logprobs: record each generated token's log-probability (`GenerationResult.logprobs`).
+        top_logprobs: 0..20 most likely alternatives recorded per token; > 0 needs `logprobs`.
     """
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
@@ -57,20 +66,32 @@ class SamplingOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        for name in ("temperature", "top_p", "repetition_penalty"):
+        for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             object.__setattr__(self, name, _finite(name, getattr(self, name)))
+        object.__setattr__(self, "logprobs", bool(self.logprobs))
+        object.__setattr__(self, "top_logprobs", _count("top_logprobs", self.top_logprobs))
         checks = [
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 disables it), got {self.top_p}"),
             (self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2] (0 disables it), got {self.presence_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2] (0 disables it), got {self.frequency_penalty}"),
+            (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+             f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"),
+            (self.logprobs or not self.top_logprobs,
+             f"top_logprobs={self.top_logprobs} needs logprobs=True (as in OpenAI's API)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -103,6 +124,16 @@ def _finite(name: str, value: object) -> float:
     return number
 
 
+def _count(name: str, value: object) -> int:
+    """`value` as an int; bools and floats are refused rather than silently truncated."""
+    if isinstance(value, bool):
+        raise GenerationOptionsError(f"{name} must be an integer, got bool")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError as e:
+        raise GenerationOptionsError(f"{name} must be an integer, got {type(value).__name__}") from e
+
+
 def _seed(value: object) -> int:
     """An integer seed reduced into [0, 2**64), which `torch.Generator.manual_seed` always accepts."""
     if isinstance(value, bool):
@@ -123,6 +154,10 @@ def make_options(
     seed: int | None = None,
     stop: str | Sequence[str] | None = None,
     stop_token_ids: Sequence[int] | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    logprobs: bool | None = None,
+    top_logprobs: int | None = None,
 ) -> SamplingOptions:
     """Build `SamplingOptions` from the keyword arguments of the public API (None = default)."""
     if isinstance(stop, str):
@@ -136,23 +171,42 @@ def make_options(
         seed=seed,
         stop=tuple(stop or ()),
         stop_token_ids=tuple(stop_token_ids or ()),
+        presence_penalty=0.0 if presence_penalty is None else presence_penalty,
+        frequency_penalty=0.0 if frequency_penalty is None else frequency_penalty,
+        logprobs=bool(logprobs),
+        top_logprobs=0 if top_logprobs is None else top_logprobs,
     )
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """Divide positive (multiply negative) logits of already-seen token ids by `penalty`.
 
+    The CTRL rule as transformers' `RepetitionPenaltyLogitsProcessor` applies it.
+
     Args:
         logits: [V] fp32.
-        seen: 1-D ids of prompt and generated tokens.
+        seen: bool [V], True for the ids of prompt and generated tokens.
     """
-    if penalty == 1.0 or seen.numel() == 0:
+    if penalty == 1.0:
         return logits
-    ids = seen.to(logits.device).unique()
-    picked = logits[ids]
-    logits = logits.clone()
-    logits[ids] = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return logits
+    seen = seen.to(logits.device)
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def apply_presence_frequency_penalty(
+    logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float
+) -> torch.Tensor:
+    """OpenAI's rule: `logits[t] -= presence * (counts[t] > 0) + frequency * counts[t]`.
+
+    Args:
+        logits: [V] fp32.
+        counts: [V], how often each id was generated so far for this request (not the prompt).
+    """
+    if presence == 0.0 and frequency == 0.0:
+        return logits
+    counts = counts.to(device=logits.device, dtype=logits.dtype)
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts
 
 
 def sample_token(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> int:

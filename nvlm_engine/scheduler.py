@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from .errors import NVLMError, RequestFailedError
@@ -261,9 +261,9 @@ class Scheduler:
                 handle.result = delta.result
                 with self._lock:
                     del self._handles[delta.index]
-                handle._put(Delta(0, delta.text, delta.result))
-            elif delta.text:
-                handle._put(Delta(0, delta.text))
+                handle._put(replace(delta, index=0))
+            elif delta.text or delta.logprobs:
+                handle._put(replace(delta, index=0))
 
     def _fail(self, indices: list[int], error: Exception, stage: str = "decode") -> None:
         """End these requests with `error`, as an `NVLMError` so every caller can report it."""

@@ -7,21 +7,38 @@ in mixed dtypes (bf16 with some fp32, like the real checkpoint), the vision towe
 heads, and tokenizer files: copied from a real NVLM-D folder when one is given, else a small
 byte-level BPE tokenizer with the same special tokens. The output is noise; every code path
 that reads, tiles, prompts and generates is real.
+
+Its parts serve tests on their own too: `config_to_dict(config)` writes a config in the published
+schema, `write_tiny_tokenizer(folder)` the tiny tokenizer's files. No library module imports
+this one (only the CLI's `--demo`, lazily).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
+from tokenizers import Tokenizer, pre_tokenizers, trainers
+from tokenizers.models import BPE
 
 from .config import LLMConfig, NVLMConfig, VisionConfig
 from .model import NVLMModel
-from .tokenizer import load_tokenizer, write_tiny_tokenizer
+from .tokenizer import (
+    ENDOFTEXT,
+    IM_END,
+    QWEN2_ADDED_TOKENS,
+    QWEN2_CHAT_TEMPLATE,
+    _set_qwen2_pipeline,  # the loader's own pipeline, so both sides agree
+    load_tokenizer,
+)
+
+logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "tokenizer.json")
 
@@ -101,7 +118,7 @@ def build_tiny_checkpoint(
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    (folder / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
     return folder
 
 
@@ -165,3 +182,176 @@ def _split(names: list[str], state: dict[str, torch.Tensor], num_shards: int) ->
 def _padded_vocab(tokens: int) -> int:
     # Like the published 152,064 for 151,665 tokens: the embedding is padded to a multiple of 128.
     return max(152064 if tokens > 151000 else 0, math.ceil(tokens / 128) * 128)
+
+
+def config_to_dict(config: NVLMConfig) -> dict[str, Any]:
+    """`config` in the published `config.json` schema, quirks included (inverse of `NVLMConfig.from_dict`)."""
+    v, m = config.vision, config.llm
+    llm_config: dict[str, Any] = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "llama",  # sic: the published quirk
+        "attention_bias": True,
+        "bos_token_id": 151643,
+        "eos_token_id": m.eos_token_id,
+        "hidden_act": "silu",
+        "hidden_size": m.hidden_size,
+        "intermediate_size": m.intermediate_size,
+        "max_position_embeddings": m.max_position_embeddings,
+        "num_attention_heads": m.num_attention_heads,
+        "num_hidden_layers": m.num_hidden_layers,
+        "num_key_value_heads": m.num_key_value_heads,
+        "rms_norm_eps": m.rms_norm_eps,
+        "rope_theta": m.rope_theta,
+        "rope_scaling": (
+            {"factor": m.rope_scaling_factor, "type": m.rope_scaling_type} if m.rope_scaling_type else None
+        ),
+        "tie_word_embeddings": m.tie_word_embeddings,
+        "torch_dtype": "bfloat16",
+        "vocab_size": m.vocab_size,
+        "do_sample": False,
+        "top_k": 1,
+        "top_p": 0,  # sic: the published quirk
+        "temperature": 1.0,
+        "repetition_penalty": 1.0,
+    }
+    vision_config: dict[str, Any] = {
+        "architectures": ["InternVisionModel"],
+        "model_type": "intern_vit_6b",
+        "hidden_size": v.hidden_size,
+        "intermediate_size": v.intermediate_size,
+        "num_attention_heads": v.num_attention_heads,
+        "num_hidden_layers": v.num_hidden_layers,
+        "patch_size": v.patch_size,
+        "image_size": v.image_size,
+        "num_channels": v.num_channels,
+        "layer_norm_eps": v.layer_norm_eps,
+        "norm_type": v.norm_type,
+        "qk_normalization": v.qk_normalization,
+        "qkv_bias": v.qkv_bias,
+        "hidden_act": v.hidden_act,
+        "use_flash_attn": True,
+        "torch_dtype": "bfloat16",
+    }
+    return {
+        "architectures": ["NVLM_D"],
+        "auto_map": {
+            "AutoConfig": "configuration_nvlm_d.NVLM_D_Config",
+            "AutoModel": "modeling_nvlm_d.NVLM_D_Model",
+            "AutoModelForCausalLM": "modeling_nvlm_d.NVLM_D_Model",
+        },
+        "model_type": "NVLM_D",
+        "downsample_ratio": config.downsample_ratio,
+        "dynamic_image_size": True,
+        "force_image_size": v.image_size,
+        "llm_config": llm_config,
+        "max_dynamic_patch": config.max_dynamic_patch,
+        "min_dynamic_patch": config.min_dynamic_patch,
+        "ps_version": config.ps_version,
+        "select_layer": config.select_layer,
+        "template": "chatml",
+        "torch_dtype": "bfloat16",
+        "use_thumbnail": config.use_thumbnail,
+        "vision_config": vision_config,
+    }
+
+
+# --- tiny tokenizer ----------------------------------------------------------------------
+
+# Training text for the tiny tokenizer: the words of NVLM prompts (roles, tile tags, task
+# prompts) plus plain English, digits and punctuation. Every line appears twice in training,
+# so min_frequency=2 admits each word's merges and the merge count is set by vocab size.
+_TINY_CORPUS = (
+    "Answer the questions.",
+    "You are a helpful assistant. You are Qwen, created by Alibaba Cloud.",
+    "system user assistant",
+    "<image>\nWhat is in this image? Describe the image in detail.",
+    "Image-1: <image>\nImage-2: <image>\nWhat is the difference between the two images?",
+    "<Image><tile_1><tile_2><tile_3><tile_4><tile_5><tile_6><tile_global_thumbnail></Image>",
+    "Answer the question using a single word, phrase, or number.",
+    "Answer the question using a single word or phrase.",
+    "Transcribe the document as plain text along with bounding boxes.",
+    "Extract all texts and their bounding boxes from the given image using grounded OCR.",
+    'Locate the text "total" in the image. Identify the text "date" and provide the coordinates.',
+    "Recognize the text in this region: <ref>price</ref><box>(120,340),(567,890)</box>",
+    "<quad>(10,20),(30,40),(50,60),(70,80)</quad>",
+    "The quick brown fox jumps over the lazy dog.",
+    "A cat is sitting on a red chair next to the window, looking outside at the birds.",
+    "There are 3 people in the picture: two adults and one child, standing near a car.",
+    "The chart shows sales from 2019 to 2024; revenue grew by 12.5% each year.",
+    "Hello, world! How are you today? I'm fine, thanks. Let's go.",
+    "It's a sunny day in the park, and children are playing football on the grass.",
+    "The receipt lists: coffee $3.50, bread $2.25, milk $1.99 -- total $7.74.",
+    "Please read the sign and tell me what it says about opening hours (9am-5pm).",
+    "Which animal is larger, the elephant or the mouse? The elephant is much larger.",
+    "def main():\n    print('hello')\n    return 0\n",
+    "Question: how many apples are on the table? Answer: four apples.",
+    "The document is a letter written in English; it has a title, a date and a signature.",
+    "Count the objects, then list their colors: blue, green, yellow, orange, purple, white.",
+    "The map of the city shows streets, a river, a bridge, the station and the museum.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 256 448 1024 2048 65536.",
+    "Punctuation: . , ; : ! ? ' \" ( ) [ ] { } < > / \\ | - _ + = * & ^ % $ # @ ~ `",
+    "Because the model answers questions about images, the prompt starts with the image.",
+    "Thank you! Have a nice day, and see you tomorrow morning at the office.",
+)
+_TINY_VOCAB_SIZE = 768  # 256 byte tokens + 512 merges, before the 22 added tokens
+
+
+def write_tiny_tokenizer(folder: Path) -> None:
+    """Writes a small Qwen2-style tokenizer: `vocab.json`, `merges.txt`, `tokenizer_config.json`.
+
+    A byte-level BPE is trained in-process (deterministically, in a few milliseconds, offline)
+    on a built-in corpus, with the Qwen2 normalizer and pre-tokenizer; the 22 Qwen2.5 added
+    tokens follow its base vocabulary in the same order, and the config carries the Qwen2.5
+    chat template, so `load_tokenizer(folder)` takes the same path as for the real checkpoint.
+
+    Args:
+        folder: where to write; created if missing, files in it are overwritten.
+    """
+    backend = Tokenizer(BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    _set_qwen2_pipeline(backend)
+    trainer = trainers.BpeTrainer(
+        vocab_size=_TINY_VOCAB_SIZE,
+        min_frequency=2,
+        show_progress=False,
+        special_tokens=[],  # the trainer would put them first; Qwen puts them after the vocabulary
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: any text encodes
+    )
+    backend.train_from_iterator(list(_TINY_CORPUS) * 2, trainer=trainer)
+    model = json.loads(backend.to_str())["model"]
+    vocab: dict[str, int] = dict(sorted(model["vocab"].items(), key=lambda item: item[1]))
+    # tokenizers >= 0.20 stores merges as pairs, older versions as "left right" strings.
+    merges = [" ".join(pair) if isinstance(pair, list) else pair for pair in model["merges"]]
+
+    added_tokens_decoder = {
+        str(len(vocab) + offset): {
+            "content": content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": special,
+        }
+        for offset, (content, special) in enumerate(QWEN2_ADDED_TOKENS)
+    }
+    config = {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": added_tokens_decoder,
+        "additional_special_tokens": [c for c, special in QWEN2_ADDED_TOKENS if special and c != ENDOFTEXT],
+        "bos_token": None,
+        "chat_template": QWEN2_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": IM_END,
+        "errors": "replace",
+        "model_max_length": 131072,
+        "pad_token": ENDOFTEXT,
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    # Same layout as the real files: compact UTF-8 vocab, merges without a "#version" header.
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+    (folder / "merges.txt").write_text("".join(f"{merge}\n" for merge in merges), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    logger.debug("wrote tiny tokenizer to %s: %d base tokens, %d merges", folder, len(vocab), len(merges))

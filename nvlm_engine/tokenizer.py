@@ -6,13 +6,12 @@ token names and the chat template) and how to rebuild the same fast tokenizer fr
 alone. It never imports code from the folder: `auto_map` is ignored and `trust_remote_code`
 is never passed. It knows nothing about prompts or images (see `prompts.py`).
 
-It also writes a tiny tokenizer with the same schema, pre-tokenizer and added tokens, so that
-tests and tiny random models exercise the real loading path offline.
+The tiny tokenizer that tests load through this same path is written by
+`nvlm_engine.testing.write_tiny_tokenizer`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import reprlib
 import time
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -36,7 +35,6 @@ __all__ = [
     "VISION_PAD",
     "SpecialTokens",
     "load_tokenizer",
-    "write_tiny_tokenizer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -84,7 +82,7 @@ _QWEN2_SPLIT_PATTERN = (
 
 # The published Qwen2.5 chat template, byte for byte as in NVLM-D-72B's tokenizer_config.json.
 # vLLM's OpenAI server renders NVLM-D prompts with it (the VLLM prompt dialect), and the tiny
-# tokenizer ships it so that dialect is testable without the real checkpoint.
+# tokenizer (`nvlm_engine.testing`) ships it so that dialect is testable without the checkpoint.
 QWEN2_CHAT_TEMPLATE = r"""{%- if tools %}
     {{- '<|im_start|>system\n' }}
     {%- if messages[0]['role'] == 'system' %}
@@ -442,105 +440,3 @@ def _chat_template(config: dict[str, Any], folder: Path) -> str | dict[str, str]
     if path.is_file():  # transformers >= 4.43 saves it beside the config
         return path.read_text(encoding="utf-8")
     return None
-
-
-# --- tiny tokenizer ----------------------------------------------------------------------
-
-# Training text for the tiny tokenizer: the words of NVLM prompts (roles, tile tags, task
-# prompts) plus plain English, digits and punctuation. Every line appears twice in training,
-# so min_frequency=2 admits each word's merges and the merge count is set by vocab size.
-_TINY_CORPUS = (
-    "Answer the questions.",
-    "You are a helpful assistant. You are Qwen, created by Alibaba Cloud.",
-    "system user assistant",
-    "<image>\nWhat is in this image? Describe the image in detail.",
-    "Image-1: <image>\nImage-2: <image>\nWhat is the difference between the two images?",
-    "<Image><tile_1><tile_2><tile_3><tile_4><tile_5><tile_6><tile_global_thumbnail></Image>",
-    "Answer the question using a single word, phrase, or number.",
-    "Answer the question using a single word or phrase.",
-    "Transcribe the document as plain text along with bounding boxes.",
-    "Extract all texts and their bounding boxes from the given image using grounded OCR.",
-    'Locate the text "total" in the image. Identify the text "date" and provide the coordinates.',
-    "Recognize the text in this region: <ref>price</ref><box>(120,340),(567,890)</box>",
-    "<quad>(10,20),(30,40),(50,60),(70,80)</quad>",
-    "The quick brown fox jumps over the lazy dog.",
-    "A cat is sitting on a red chair next to the window, looking outside at the birds.",
-    "There are 3 people in the picture: two adults and one child, standing near a car.",
-    "The chart shows sales from 2019 to 2024; revenue grew by 12.5% each year.",
-    "Hello, world! How are you today? I'm fine, thanks. Let's go.",
-    "It's a sunny day in the park, and children are playing football on the grass.",
-    "The receipt lists: coffee $3.50, bread $2.25, milk $1.99 -- total $7.74.",
-    "Please read the sign and tell me what it says about opening hours (9am-5pm).",
-    "Which animal is larger, the elephant or the mouse? The elephant is much larger.",
-    "def main():\n    print('hello')\n    return 0\n",
-    "Question: how many apples are on the table? Answer: four apples.",
-    "The document is a letter written in English; it has a title, a date and a signature.",
-    "Count the objects, then list their colors: blue, green, yellow, orange, purple, white.",
-    "The map of the city shows streets, a river, a bridge, the station and the museum.",
-    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 256 448 1024 2048 65536.",
-    "Punctuation: . , ; : ! ? ' \" ( ) [ ] { } < > / \\ | - _ + = * & ^ % $ # @ ~ `",
-    "Because the model answers questions about images, the prompt starts with the image.",
-    "Thank you! Have a nice day, and see you tomorrow morning at the office.",
-)
-_TINY_VOCAB_SIZE = 768  # 256 byte tokens + 512 merges, before the 22 added tokens
-
-
-def write_tiny_tokenizer(folder: Path) -> None:
-    """Writes a small Qwen2-style tokenizer: `vocab.json`, `merges.txt`, `tokenizer_config.json`.
-
-    A byte-level BPE is trained in-process (deterministically, in a few milliseconds, offline)
-    on a built-in corpus, with the Qwen2 normalizer and pre-tokenizer; the 22 Qwen2.5 added
-    tokens follow its base vocabulary in the same order, and the config carries the Qwen2.5
-    chat template, so `load_tokenizer(folder)` takes the same path as for the real checkpoint.
-
-    Args:
-        folder: where to write; created if missing, files in it are overwritten.
-    """
-    backend = Tokenizer(BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-    _set_qwen2_pipeline(backend)
-    trainer = trainers.BpeTrainer(
-        vocab_size=_TINY_VOCAB_SIZE,
-        min_frequency=2,
-        show_progress=False,
-        special_tokens=[],  # the trainer would put them first; Qwen puts them after the vocabulary
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: any text encodes
-    )
-    backend.train_from_iterator(list(_TINY_CORPUS) * 2, trainer=trainer)
-    model = json.loads(backend.to_str())["model"]
-    vocab: dict[str, int] = dict(sorted(model["vocab"].items(), key=lambda item: item[1]))
-    # tokenizers >= 0.20 stores merges as pairs, older versions as "left right" strings.
-    merges = [" ".join(pair) if isinstance(pair, list) else pair for pair in model["merges"]]
-
-    added_tokens_decoder = {
-        str(len(vocab) + offset): {
-            "content": content,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": special,
-        }
-        for offset, (content, special) in enumerate(QWEN2_ADDED_TOKENS)
-    }
-    config = {
-        "add_bos_token": False,
-        "add_prefix_space": False,
-        "added_tokens_decoder": added_tokens_decoder,
-        "additional_special_tokens": [c for c, special in QWEN2_ADDED_TOKENS if special and c != ENDOFTEXT],
-        "bos_token": None,
-        "chat_template": QWEN2_CHAT_TEMPLATE,
-        "clean_up_tokenization_spaces": False,
-        "eos_token": IM_END,
-        "errors": "replace",
-        "model_max_length": 131072,
-        "pad_token": ENDOFTEXT,
-        "split_special_tokens": False,
-        "tokenizer_class": "Qwen2Tokenizer",
-        "unk_token": None,
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    # Same layout as the real files: compact UTF-8 vocab, merges without a "#version" header.
-    (folder / _VOCAB_FILE).write_text(json.dumps(vocab, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
-    (folder / _MERGES_FILE).write_text("".join(f"{merge}\n" for merge in merges), encoding="utf-8")
-    (folder / _CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
-    logger.debug("wrote tiny tokenizer to %s: %d base tokens, %d merges", folder, len(vocab), len(merges))

@@ -26,7 +26,8 @@ from tokenizers import AddedToken
 from nvlm_engine import CheckpointError, NVLMConfig, NVLMEngine, UnsafeCheckpointError
 from nvlm_engine.checkpoint import find_weight_files, read_tensor_infos
 from nvlm_engine.errors import UnsafeCheckpointPathError
-from nvlm_engine.tokenizer import load_tokenizer, write_tiny_tokenizer
+from nvlm_engine.testing import write_tiny_tokenizer
+from nvlm_engine.tokenizer import load_tokenizer
 
 _BOUND_S = 5.0  # the slowest refusals parse the real 151k-token tokenizer first (~1 s unloaded)
 _HARD_STOP_S = 30  # the unfixed loader took 97 s, 300+ s on some of these inputs

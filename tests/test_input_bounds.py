@@ -26,8 +26,9 @@ from nvlm_engine.engine import MAX_CHARS_PER_TOKEN
 from nvlm_engine.errors import ContextLengthError, ImageAspectRatioError, ImageTooLargeError
 from nvlm_engine.images import MAX_ASPECT_RATIO, load_image
 from nvlm_engine.prompts import ImageSlot, PromptBuilder, PromptDialect, PromptMessage
+from nvlm_engine.testing import write_tiny_tokenizer
 from nvlm_engine.tiling import preprocess_image
-from nvlm_engine.tokenizer import load_tokenizer, write_tiny_tokenizer
+from nvlm_engine.tokenizer import load_tokenizer
 from nvlm_server import ImagePolicy, ServerSettings
 from server.conftest import running_server
 from shared_paths import REAL_72B

@@ -20,7 +20,8 @@ from nvlm_engine.prompts import (
     PromptDialect,
     PromptMessage,
 )
-from nvlm_engine.tokenizer import load_tokenizer, write_tiny_tokenizer
+from nvlm_engine.testing import write_tiny_tokenizer
+from nvlm_engine.tokenizer import load_tokenizer
 
 from shared_paths import REAL_72B
 SKIP_REAL = f"the real NVLM-D-72B tokenizer files are not at {REAL_72B} (they sit beside the project in CI)"

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from nvlm_engine.errors import CheckpointError
+from nvlm_engine.testing import write_tiny_tokenizer
 from nvlm_engine.tokenizer import (
     QWEN2_ADDED_TOKENS,
     QWEN2_CHAT_TEMPLATE,
     SpecialTokens,
     load_tokenizer,
-    write_tiny_tokenizer,
 )
 
 from shared_paths import REAL_72B
