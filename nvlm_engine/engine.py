@@ -174,8 +174,9 @@ class NVLMEngine:
                 still run when memory allows).
             quantization: None, "bnb-8bit", "bnb-4bit" (NF4) or "fp8": the decoder layers' linear
                 weights only (vision tower, projector, embeddings and LM head stay in `dtype`).
-                Needs CUDA; bitsandbytes for "bnb-*" (`pip install 'nvlm-langchain[quant]'`);
-                compute capability 9.0+ (H100, H200, B200) for "fp8".
+                "bnb-*" need bitsandbytes (`pip install 'nvlm-langchain[quant]'`) and run on CUDA
+                or, from bitsandbytes 0.50, the CPU; "fp8" needs CUDA compute capability 8.9+
+                (L4/L40/RTX 40xx, H100, H200, B200).
             dialect: "reference" (the model card's chat(), the default) or "vllm".
             system_prompt: default system prompt; None keeps the dialect's default.
             max_tiles: tiles per image (1..12); default the checkpoint's `max_dynamic_patch`.

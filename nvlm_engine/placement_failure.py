@@ -92,7 +92,7 @@ def suggest_settings(footprint: Footprint, devices: Sequence[DeviceSpec], contex
             continue
         smaller = footprint.resized(quantization=scheme)
         if fits(smaller, devices, context_length, batch_size):
-            note = " (H100/H200/B200 only)" if name == "fp8" else ""
+            note = " (CUDA compute capability 8.9+: L40, H100, H200, B200; not A100)" if name == "fp8" else ""
             found.append(f"quantization='{name}'{note}: {format_gib(smaller.total_bytes)} of weights")
     steps = (context_length - 1) // 1024  # the longest shorter context, in steps of 1024 tokens
     if steps >= 1 and fits(footprint, devices, 1024, batch_size):

@@ -44,6 +44,7 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn value
 NF4_BLOCK = 64  # bitsandbytes' default 4-bit block size (CUDA)
 NF4_NESTED_BLOCK = 256  # block size of the double-quantized absmax statistics
 BNB_INT8_THRESHOLD = 6.0  # LLM.int8() outlier threshold, transformers' default
+BNB_CPU_VERSION = (0, 50)  # the oldest bitsandbytes whose CPU 8-bit and NF4 linears were run here
 
 
 class QuantizationError(NVLMError):
@@ -83,7 +84,8 @@ class QuantizationScheme:
 SCHEMES: dict[str, QuantizationScheme] = {
     "bnb-8bit": QuantizationScheme("bnb-8bit", "bitsandbytes LLM.int8() (8-bit weights)", True, (7, 5)),
     "bnb-4bit": QuantizationScheme("bnb-4bit", "bitsandbytes NF4 (4-bit weights, double-quantized scales)", True, (7, 5)),
-    "fp8": QuantizationScheme("fp8", "FP8 e4m3 weights, per-channel scales, dynamic per-token activations", False, (9, 0)),
+    # FP8 tensor cores (and torch._scaled_mm's row-wise scaling) start at Ada, compute capability 8.9.
+    "fp8": QuantizationScheme("fp8", "FP8 e4m3 weights, per-channel scales, dynamic per-token activations", False, (8, 9)),
 }
 
 
@@ -92,7 +94,8 @@ def get_scheme(name: str | QuantizationScheme | None) -> QuantizationScheme | No
     if name is None or isinstance(name, QuantizationScheme):
         return name
     key = str(name).strip().lower().replace("_", "-")
-    aliases = {"none": None, "int8": "bnb-8bit", "8bit": "bnb-8bit", "nf4": "bnb-4bit", "4bit": "bnb-4bit", "float8": "fp8"}
+    aliases = {"none": None, "int8": "bnb-8bit", "8bit": "bnb-8bit", "bnb-int8": "bnb-8bit", "nf4": "bnb-4bit",
+               "bnb-nf4": "bnb-4bit", "4bit": "bnb-4bit", "float8": "fp8"}
     key = aliases.get(key, key)  # type: ignore[assignment]
     if key is None:
         return None
@@ -113,33 +116,71 @@ def is_quantized_weight(tensor_name: str) -> bool:
 
 
 def check_runtime(scheme: QuantizationScheme, devices: Iterable[torch.device]) -> None:
-    """Raise `QuantizationError` unless `scheme` can run on `devices` (those holding decoder layers)."""
+    """Raise `QuantizationError` unless `scheme` can run on `devices` (those holding decoder layers).
+
+    bitsandbytes runs its 8-bit and NF4 linears on CUDA GPUs and, in recent releases (0.50 tested),
+    on the CPU (slowly: for tests and small models). FP8 needs FP8 tensor cores: CUDA compute capability 8.9+.
+    """
     devices = list(devices)
-    if not torch.cuda.is_available():
-        raise QuantizationError(
-            f"quantization={scheme.name!r} needs an NVIDIA GPU with CUDA, and none is visible here. Load without "
-            "quantization (bfloat16 on GPUs, float32 on the CPU), or run on a machine with CUDA GPUs."
-        )
-    off_gpu = sorted({str(d) for d in devices if d.type != "cuda"})
-    if off_gpu:
-        raise QuantizationError(
-            f"quantization={scheme.name!r} runs on CUDA GPUs only, but decoder layers are placed on {', '.join(off_gpu)}. "
-            "Give more GPU memory (more GPUs, a shorter context_length) or a smaller format instead of CPU offload."
-        )
-    if scheme.uses_bitsandbytes and importlib.util.find_spec("bitsandbytes") is None:
-        raise QuantizationError(
-            f"quantization={scheme.name!r} needs the bitsandbytes package: pip install 'nvlm-langchain[quant]' "
-            "(or pip install 'bitsandbytes>=0.45')."
-        )
-    for device in {d for d in devices if d.type == "cuda"}:
+    if scheme.uses_bitsandbytes:
+        _check_bitsandbytes(scheme, devices)
+        cuda_devices = {d for d in devices if d.type == "cuda"}
+    else:
+        if not torch.cuda.is_available():
+            raise QuantizationError(
+                f"quantization={scheme.name!r} needs an NVIDIA GPU with CUDA compute capability "
+                f"{_version(scheme.min_capability)}+, and none is visible here. Load without quantization "
+                "(bfloat16 on GPUs, float32 on the CPU), or use 'bnb-8bit', which also runs on the CPU."
+            )
+        off_gpu = sorted({str(d) for d in devices if d.type != "cuda"})
+        if off_gpu:
+            raise QuantizationError(
+                f"quantization={scheme.name!r} runs on CUDA GPUs only, but decoder layers are placed on "
+                f"{', '.join(off_gpu)}. Give more GPU memory (more GPUs, a shorter context_length) or use "
+                "'bnb-8bit' instead of CPU offload."
+            )
+        cuda_devices = set(devices)
+    for device in cuda_devices:
         capability = torch.cuda.get_device_capability(device)
         if capability < scheme.min_capability:
-            want = ".".join(map(str, scheme.min_capability))
-            hint = " (H100, H200, B200); on this GPU use 'bnb-8bit'" if scheme.name == "fp8" else ""
+            hint = " (L4, L40S, RTX 4090, H100, H200, B200); on this GPU use 'bnb-8bit'" if scheme.name == "fp8" else ""
             raise QuantizationError(
-                f"quantization={scheme.name!r} needs CUDA compute capability {want}+{hint}; "
+                f"quantization={scheme.name!r} needs CUDA compute capability {_version(scheme.min_capability)}+{hint}; "
                 f"{device} ({torch.cuda.get_device_name(device)}) has {capability[0]}.{capability[1]}."
             )
+
+
+def _check_bitsandbytes(scheme: QuantizationScheme, devices: list[torch.device]) -> None:
+    """bitsandbytes installed, new enough for the CPU if layers sit there, and only CPU/CUDA devices."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise QuantizationError(
+            f"quantization={scheme.name!r} needs the bitsandbytes package: pip install 'nvlm-langchain[quant]' "
+            f"(bitsandbytes>={_version(BNB_CPU_VERSION)} to run them on the CPU)."
+        )
+    unsupported = sorted({str(d) for d in devices if d.type not in ("cpu", "cuda")})
+    if unsupported:
+        raise QuantizationError(
+            f"quantization={scheme.name!r} runs on CUDA GPUs and the CPU here, not on {', '.join(unsupported)}. "
+            "Place the decoder layers on cuda or cpu, or load without quantization."
+        )
+    if any(d.type == "cpu" for d in devices):
+        installed = _installed_version("bitsandbytes")
+        if installed < BNB_CPU_VERSION:
+            raise QuantizationError(
+                f"quantization={scheme.name!r} on the CPU needs bitsandbytes {_version(BNB_CPU_VERSION)}+ "
+                f"(its CPU kernels); {_version(installed)} is installed. "
+                f"Run pip install -U 'bitsandbytes>={_version(BNB_CPU_VERSION)}'."
+            )
+
+
+def _installed_version(package: str) -> tuple[int, ...]:
+    from importlib.metadata import version
+
+    return tuple(int(p) for p in re.findall(r"\d+", version(package))[:3])
+
+
+def _version(numbers: tuple[int, ...]) -> str:
+    return ".".join(map(str, numbers))
 
 
 # --- FP8 ---------------------------------------------------------------------------------
@@ -202,8 +243,12 @@ class Fp8Linear(nn.Module):
 
 
 def _bnb_linear(linear: nn.Linear, scheme: QuantizationScheme, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """bitsandbytes' own modules; they quantize when their weight moves from the CPU to the GPU."""
+    """bitsandbytes' own modules; their weight quantizes when it moves off the CPU staging copy
+    (`Int8Params.to` / `Params4bit.to` quantize on any non-meta target, the CPU included)."""
     import bitsandbytes as bnb
+
+    if scheme.name == "bnb-8bit" and dtype != torch.float16:
+        _quiet_int8_cast_warning()
 
     has_bias = linear.bias is not None
     weight = linear.weight.detach().cpu()
@@ -221,6 +266,19 @@ def _bnb_linear(linear: nn.Linear, scheme: QuantizationScheme, device: torch.dev
     return module
 
 
+def _drop_int8_cast_warning(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+def _quiet_int8_cast_warning() -> None:
+    """LLM.int8() quantizes activations from float16, so bitsandbytes logs a warning on *every*
+    call with bf16/fp32 inputs (560 linears per token on the 72B model); say it once instead."""
+    bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if _drop_int8_cast_warning not in bnb_logger.filters:
+        bnb_logger.addFilter(_drop_int8_cast_warning)
+        logger.info("bnb-8bit: activations are cast to float16 for LLM.int8() quantization")
+
+
 def quantize_linear(linear: nn.Linear, scheme: QuantizationScheme, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The quantized replacement of `linear`, on `device`."""
     if scheme.name == "fp8":
@@ -234,10 +292,10 @@ class QuantizingLoader:
     Use `device_of` as the loader's placement function and call `quantize_loaded()` after each
     shard (the loader's progress callback) and `finish()` at the end. A quantized linear's weight
     and bias are first loaded in the compute dtype to a staging device: the CPU for bitsandbytes
-    (its parameters quantize on the CPU -> GPU move), the target GPU for FP8. As soon as both are
-    in, the `nn.Linear` is replaced by its quantized form on its target device and the
-    full-precision copy is dropped, so at most one shard's worth of linears is ever held in
-    full precision.
+    (its parameters quantize as they move from there to their device, the CPU included), the
+    target GPU for FP8. As soon as both are in, the `nn.Linear` is replaced by its quantized form
+    on its target device and the full-precision copy is dropped, so at most one shard's worth of
+    linears is ever held in full precision.
     """
 
     def __init__(

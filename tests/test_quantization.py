@@ -1,14 +1,19 @@
-"""Quantization of the decoder linears: typed refusals without CUDA, FP8 numerics, load-time swapping, sizes.
+"""Quantization of the decoder linears: bitsandbytes on the CPU, FP8 numerics, typed refusals, sizes.
 
-`torch._scaled_mm` (the FP8 matmul) also runs on the CPU, so the FP8 module and the
-quantize-while-loading path are tested here for real; the engine itself refuses FP8 and
-bitsandbytes without CUDA. bitsandbytes' own modules need a GPU and are exercised by the
-`gpu`-marked test and `bench/gpu_check.py`.
+bitsandbytes (0.50+) runs its 8-bit and NF4 linears on the CPU, so `quantization="bnb-8bit"` and
+`"bnb-4bit"` (alias "bnb-nf4") are loaded, generated with and compared with the fp32 model here;
+those tests skip, saying so, when bitsandbytes is not installed. `torch._scaled_mm` (the FP8
+matmul) also runs on the CPU, so the FP8 module and the quantize-while-loading path are tested
+for real, though the engine refuses FP8 without a GPU of compute capability 8.9+. FP8 on real
+tensor cores is timed by `bench/gpu_check.py`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,16 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nvlm_engine import NVLMEngine
+from nvlm_engine import NVLMEngine, quantization
 from nvlm_engine.checkpoint import check_tensors, fill_model, find_weight_files, infer_dummy_heads, read_tensor_infos
 from nvlm_engine.config import NVLMConfig
-from nvlm_engine.generation import prefill
+from nvlm_engine.generation import decode_one, prefill
 from nvlm_engine.model import NVLMModel
 from nvlm_engine.placement import Footprint, layer_unit
 from nvlm_engine.quantization import (
+    FP8_MAX,
     Fp8Linear,
     QuantizationError,
     QuantizingLoader,
+    check_runtime,
     get_scheme,
     is_quantized_module,
     is_quantized_weight,
@@ -33,11 +40,16 @@ from nvlm_engine.quantization import (
 )
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on machines without CUDA")
+needs_bnb = pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None,
+    reason="bitsandbytes is not installed: pip install 'nvlm-langchain[quant]' to run the bnb-8bit/bnb-4bit CPU tests",
+)
 
 
 def test_scheme_names() -> None:
     assert get_scheme(None) is None and get_scheme("none") is None
     assert get_scheme("NF4").name == "bnb-4bit" and get_scheme("int8").name == "bnb-8bit"
+    assert get_scheme("bnb-nf4").name == "bnb-4bit" and get_scheme("bnb_int8").name == "bnb-8bit"
     assert get_scheme("fp8").uses_bitsandbytes is False
     with pytest.raises(QuantizationError, match="bnb-8bit, bnb-4bit, fp8"):
         get_scheme("gptq")
@@ -54,26 +66,161 @@ def test_only_decoder_linears_are_quantized() -> None:
 
 
 @no_cuda
-@pytest.mark.parametrize("scheme", ["bnb-8bit", "bnb-4bit", "fp8"])
-def test_engine_refuses_quantization_without_cuda(tiny_checkpoint: Path, scheme: str) -> None:
-    with pytest.raises(QuantizationError, match="needs an NVIDIA GPU with CUDA"):
-        NVLMEngine.from_pretrained(tiny_checkpoint, device_map="cpu", quantization=scheme)
+def test_engine_refuses_fp8_without_cuda(tiny_checkpoint: Path) -> None:
+    with pytest.raises(QuantizationError, match=r"needs an NVIDIA GPU with CUDA compute capability 8\.9\+.*'bnb-8bit'"):
+        NVLMEngine.from_pretrained(tiny_checkpoint, device_map="cpu", quantization="fp8")
 
 
-def test_refusals_name_what_is_missing(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With CUDA reported present: layers on the CPU, bitsandbytes absent, a pre-Hopper GPU for FP8."""
-    from nvlm_engine.quantization import check_runtime
-
+def test_fp8_refusals_name_the_capability(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With CUDA reported present: layers on the CPU, then an Ampere GPU (8.6), then an Ada one (8.9)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(QuantizationError, match="runs on CUDA GPUs only.*cpu"):
         check_runtime(get_scheme("fp8"), [torch.device("cpu")])
-    if importlib.util.find_spec("bitsandbytes") is None:
-        with pytest.raises(QuantizationError, match=r"pip install 'nvlm-langchain\[quant\]'"):
-            check_runtime(get_scheme("bnb-4bit"), [torch.device("cuda", 0)])
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
-    with pytest.raises(QuantizationError, match="compute capability 9.0.*use 'bnb-8bit'"):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10")
+    with pytest.raises(QuantizationError, match=r"compute capability 8\.9\+.*use 'bnb-8bit'.*NVIDIA A10\) has 8\.6"):
         check_runtime(get_scheme("fp8"), [torch.device("cuda", 0)])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    check_runtime(get_scheme("fp8"), [torch.device("cuda", 0)])  # L4 / L40S / RTX 4090: FP8 tensor cores
+
+
+def _without_bitsandbytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
+
+
+@pytest.mark.parametrize("scheme", ["bnb-8bit", "bnb-nf4"])
+def test_bnb_refused_without_bitsandbytes(tiny_checkpoint: Path, scheme: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    _without_bitsandbytes(monkeypatch)
+    with pytest.raises(QuantizationError, match=r"needs the bitsandbytes package: pip install 'nvlm-langchain\[quant\]"):
+        NVLMEngine.from_pretrained(tiny_checkpoint, device_map="cpu", quantization=scheme)
+
+
+def test_bnb_refusals_name_the_device_and_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # "installed"
+    monkeypatch.setattr(quantization, "_installed_version", lambda package: (0, 45, 1))
+    with pytest.raises(QuantizationError, match=r"on the CPU needs bitsandbytes 0\.50\+.*0\.45\.1 is installed"):
+        check_runtime(get_scheme("bnb-8bit"), [torch.device("cpu")])
+    with pytest.raises(QuantizationError, match="runs on CUDA GPUs and the CPU here, not on mps"):
+        check_runtime(get_scheme("bnb-4bit"), [torch.device("mps")])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    check_runtime(get_scheme("bnb-4bit"), [torch.device("cuda", 0)])  # old bitsandbytes is fine on GPUs
+
+
+# --- bitsandbytes on the CPU ---------------------------------------------------------------
+
+# Relative error of the last-position logits against the fp32 model, ||q - f|| / ||f||.
+# Per linear, LLM.int8() rounds each weight to 1/127 of its row's absmax (the output's relative
+# error is below 1/127: 0.6% measured on the tiny model), and NF4 rounds to one of 16 levels
+# spread over each 64-weight block's absmax, an RMS error of about 0.1 of the weights' spread
+# (8-9% measured). The errors of the 7 * layers quantized linears are independent, so they add
+# about in quadrature: bound = sqrt(7 * layers) * per-linear error, times 1.5 for int8, whose
+# bf16 run adds bf16's own rounding (0.8% alone). Tiny model (14 linears): int8 0.044
+# (measured 1.8-2.3%, fp32 or bf16), NF4 0.37 (measured 20-23%). Broken quantizers measured far
+# above: one linear zeroed 0.55, every weight 25% too large 0.51, square weights transposed 0.81.
+# Greedy tokens are not compared: with the real tokenizer's prompt the fp32 top-2 logits of the
+# random tiny model come within int8's error by the 4th token, so even bnb-8bit may pick another.
+PER_LINEAR_ERROR = {"bnb-8bit": 1.5 / 127, "bnb-4bit": 0.1}
+
+
+def _logit_bound(scheme: str, layers: int) -> float:
+    return math.sqrt(len(quantization.QUANTIZED_LINEARS) * layers) * PER_LINEAR_ERROR[get_scheme(scheme).name]
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.float() - expected).norm() / expected.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def bnb_engine(tiny_checkpoint: Path) -> Callable[[str, str], NVLMEngine]:
+    """Engines loaded through the real loader with bitsandbytes quantization, one per (scheme, dtype)."""
+    loaded: dict[tuple[str, str], NVLMEngine] = {}
+
+    def load(scheme: str, dtype: str = "float32") -> NVLMEngine:
+        if (scheme, dtype) not in loaded:
+            loaded[scheme, dtype] = NVLMEngine.from_pretrained(tiny_checkpoint, device_map="cpu", dtype=dtype,
+                                                               quantization=scheme)
+        return loaded[scheme, dtype]
+
+    return load
+
+
+PROMPT = [{"role": "user", "content": "Describe the weather."}]
+
+
+@needs_bnb
+@pytest.mark.parametrize("scheme", ["bnb-8bit", "bnb-nf4"])
+def test_bnb_loads_every_decoder_linear_quantized_on_the_cpu(bnb_engine: Callable[..., NVLMEngine],
+                                                             scheme: str) -> None:
+    import bitsandbytes as bnb
+
+    model = bnb_engine(scheme).model
+    kind, stored = (bnb.nn.Linear8bitLt, torch.int8) if scheme == "bnb-8bit" else (bnb.nn.Linear4bit, torch.uint8)
+    swapped = {n: m for n, m in model.named_modules() if isinstance(m, kind)}
+    assert sorted(swapped) == sorted(n for n, _ in model.named_modules() if is_quantized_module(n))
+    assert len(swapped) == 7 * model.config.llm.num_hidden_layers
+    for name, module in swapped.items():
+        assert module.weight.device.type == "cpu" and module.weight.dtype == stored, name
+        if scheme == "bnb-nf4":  # two 4-bit codes per byte
+            assert module.weight.numel() == module.in_features * module.out_features // 2, name
+    # bitsandbytes' linears subclass nn.Linear: the untouched ones are exactly nn.Linear, in fp32
+    head = model.language_model.lm_head
+    assert type(head) is nn.Linear and head.weight.dtype == torch.float32
+    assert type(model.vision_model.encoder.layers[0].mlp.fc1) is nn.Linear
+
+
+@needs_bnb
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("scheme", ["bnb-8bit", "bnb-nf4"])
+def test_bnb_logits_stay_close_to_fp32(bnb_engine: Callable[..., NVLMEngine], fp32_model: NVLMEngine,
+                                       scheme: str, dtype: str) -> None:
+    engine = bnb_engine(scheme, dtype)
+    request = fp32_model.prepare(PROMPT)
+    full, _, _ = prefill(fp32_model.model, [request], fp32_model.token_ids)
+    quantized, _, _ = prefill(engine.model, [request], engine.token_ids)
+    error = _relative_error(quantized, full)
+    bound = _logit_bound(scheme, engine.config.llm.num_hidden_layers)
+    assert 0 < error < bound, (error, bound)  # 0 would mean nothing was quantized
+    result = engine.generate(PROMPT, max_new_tokens=6)
+    assert 0 < result.usage.completion_tokens <= 6
+
+
+@needs_bnb
+@pytest.mark.parametrize("scheme", ["bnb-8bit", "bnb-nf4"])
+def test_bnb_logit_bound_rejects_a_broken_quantizer(tiny_checkpoint: Path, fp32_model: NVLMEngine, scheme: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The closeness bound is tight enough to catch weights 25% off (a wrong absmax scale)."""
+    quantize = quantization.quantize_linear
+
+    def off_by_a_quarter(linear: nn.Linear, *args: object) -> nn.Module:
+        linear.weight.data.mul_(1.25)
+        return quantize(linear, *args)
+
+    monkeypatch.setattr(quantization, "quantize_linear", off_by_a_quarter)
+    broken = NVLMEngine.from_pretrained(tiny_checkpoint, device_map="cpu", dtype="float32", quantization=scheme)
+    request = fp32_model.prepare(PROMPT)
+    full, _, _ = prefill(fp32_model.model, [request], fp32_model.token_ids)
+    wrong, _, _ = prefill(broken.model, [request], broken.token_ids)
+    assert _relative_error(wrong, full) > _logit_bound(scheme, broken.config.llm.num_hidden_layers)
+
+
+@needs_bnb
+@pytest.mark.parametrize("scheme", ["bnb-8bit", "bnb-nf4"])
+def test_bnb_cached_decoding_equals_a_full_forward(bnb_engine: Callable[..., NVLMEngine], scheme: str) -> None:
+    """The KV cache invariant with quantized linears: prefill + cached steps == prefill of the longer prompt."""
+    engine = bnb_engine(scheme)
+    request = engine.prepare(PROMPT)
+    logits, step, valid = prefill(engine.model, [request], engine.token_ids)
+    tokens = request.prompt_ids
+    for _ in range(3):
+        token = logits.argmax(-1)  # [1]
+        tokens = [*tokens, int(token)]
+        logits, valid = decode_one(engine.model, token, step, valid)
+        longer = dataclasses.replace(request, prompt_ids=tokens)
+        uncached, _, _ = prefill(engine.model, [longer], engine.token_ids)
+        torch.testing.assert_close(logits, uncached, rtol=1e-4, atol=1e-4)
 
 
 # --- FP8 ---------------------------------------------------------------------------------
@@ -94,6 +241,28 @@ def test_fp8_linear_matches_the_full_precision_linear() -> None:
     relative = (got - expected).norm() / expected.norm()
     assert relative < 0.05, relative  # weight and activation rounding (plus a bf16 output)
     assert torch.allclose(fp8(torch.zeros(1, 256)), linear.bias.detach().to(torch.bfloat16).float(), atol=1e-2)
+
+
+def test_fp8_weight_round_trip_keeps_every_row_to_3_mantissa_bits() -> None:
+    """Per-channel scales: rows 6 decades apart all keep e4m3's relative precision.
+
+    One scale for the whole tensor would flush the smallest rows to zero (their values would sit
+    below e4m3's smallest subnormal, 2^-9 of the scale unit).
+    """
+    torch.manual_seed(0)
+    weight = torch.randn(24, 128) * torch.logspace(-4, 2, 24)[:, None]  # [out, in]
+    linear = nn.Linear(128, 24, bias=False)
+    linear.weight.data.copy_(weight)
+    fp8 = Fp8Linear.from_linear(linear)
+    assert fp8.weight.dtype == torch.float8_e4m3fn and fp8.weight_scale.shape == (1, 24)
+    # each row's absmax maps to e4m3's largest finite value, so nothing saturates
+    assert torch.equal(fp8.weight.float().abs().amax(dim=1), torch.full((24,), FP8_MAX))
+    restored = fp8.dequantized_weight()
+    # round to nearest with 3 mantissa bits: within 1/16 relative; subnormals: half their 2^-9 step
+    scale = fp8.weight_scale.t()  # [out, 1]
+    assert ((restored - weight).abs() <= weight.abs() / 16 + scale * 2**-10).all()
+    row_error = (restored - weight).norm(dim=1) / weight.norm(dim=1)
+    assert (row_error < 0.04).all(), row_error  # RMS of the rounding error, 2^-4 / sqrt(3) = 0.036 at worst
 
 
 @pytest.fixture(scope="module")
