@@ -32,7 +32,7 @@ from .model import NVLMModel
 from .prompts import ImageSlot, PromptBuilder, PromptDialect, PromptMessage
 from .quantization import QuantizationScheme, QuantizingLoader, check_runtime, get_scheme
 from .sampling import DEFAULT_MAX_NEW_TOKENS, TokenConstraint, make_options
-from .tiling import preprocess_image
+from .tiling import preprocess_image, share_tile_budget
 from .tokenizer import SpecialTokens, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -334,7 +334,7 @@ class NVLMEngine:
         # Text that cannot fit is refused before any image is read, and before it is tokenized
         # whole: the cost of the check grows with the context length, not with the text.
         self._check_text_length([p for _, parts in turns for p in parts if p is not None], sampling.max_new_tokens)
-        per_image = max_tiles or max(1, self.images.max_tiles // max(1, len(sources)))
+        per_image = max_tiles or share_tile_budget(self.images.max_tiles, len(sources))
         tiled = [
             preprocess_image(
                 load_image(src, allow_url_fetch=self.images.allow_url_fetch, max_pixels=self.images.max_pixels),

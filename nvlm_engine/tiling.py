@@ -29,6 +29,7 @@ from nvlm_engine.errors import ImageError, ImageOptionsError
 from nvlm_engine.images import ImageSource, load_image, to_rgb
 
 __all__ = [
+    "share_tile_budget",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MAX_TILES_LIMIT",
@@ -137,6 +138,12 @@ def choose_grid(
         elif diff == best_diff and area > 0.5 * tile_size * tile_size * cols * rows:
             best = (cols, rows)
     return best
+
+
+def share_tile_budget(budget: int, images: int) -> int:
+    """Tiles per image when `images` images share a request's tile budget: `budget // n`, at
+    least 1 (Megatron's evaluation gave each of n images 6 // n tiles)."""
+    return max(1, budget // max(1, images))
 
 
 def image_tokens(num_tiles: int, tokens_per_tile: int = TOKENS_PER_TILE) -> int:

@@ -13,8 +13,7 @@ threads or tasks share decode steps), `jobs.py` submits a `batch`'s inputs toget
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import json
+import difflib
 import logging
 import math
 import warnings
@@ -26,7 +25,9 @@ from typing import Any, Literal
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
+from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
 from langchain_core.language_models.model_profile import ModelProfile
+from langchain_core.load.serializable import SerializedConstructor, SerializedNotImplemented
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.messages.utils import count_tokens_approximately
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
@@ -35,18 +36,21 @@ from langchain_core.runnables.config import get_config_list, get_executor_for_co
 from langchain_core.tools import BaseTool
 from langchain_core.utils import secret_from_env
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import ConfigDict, Field, SecretStr, model_validator
+from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from nvlm_engine import NVLMEngine
+from nvlm_engine import GenerationResult, NVLMEngine
+from nvlm_engine.chat import normalize_tool_choice
 from nvlm_engine.sampling import DEFAULT_MAX_NEW_TOKENS, make_options
 from nvlm_engine.scheduler import RequestHandle
 
 from . import remote
+from .call_plan import CallPlan, compose_call, plan_call
 from .engines import EngineSpec, get_engine
 from .jobs import arun_batch, run_batch, take_ticket
+from .logprobs import openai_logprobs
 from .messages import ContentOptions
-from .requests import CallPlan, compose_call, normalize_tool_choice, plan_call
-from .responses import ResponseStream, chat_result
+from .profile import ServerProfile, local_profile
+from .responses import ResponseStream
 from .structured import Method, structured_output
 
 __all__ = ["ChatNVLM"]
@@ -87,6 +91,15 @@ class ChatNVLM(BaseChatModel):
     Per-call options: `temperature`, `top_p`, `top_k`, `max_tokens`, `seed`,
     `repetition_penalty`, `max_tiles`, `model` (another checkpoint folder), `stop`.
 
+    As ChatOpenAI: the constructor takes its spellings (`model_name`, `max_completion_tokens`,
+    `stop_sequences`, `request_timeout`, one `stop` string), and refuses an argument no field
+    reads, naming the nearest field (there is no `model_kwargs` pass-through: a local engine has
+    nowhere to send one). Answers carry `response_metadata["model_provider"] == "nvlm"` and the
+    model's name (a checkpoint folder's name, not its path); `generate` returns `llm_output`
+    with `token_usage`. `dumpd` / `loads(..., valid_namespaces=["nvlm_langchain"],
+    allowed_objects=[ChatNVLM])` round-trip a model, its API key as the NVLM_API_KEY secret.
+    The remote `profile` is read from the server's `/models` entry on first use (`profile.py`).
+
     Remote (`pip install 'nvlm-langchain[remote]'`): with `base_url`, calls go to an
     OpenAI-compatible server, nvlm-serve or vLLM serving NVLM-D, and `model` is the served
     model name. The same calls work (images, streaming with usage, batch, tools, structured
@@ -97,8 +110,9 @@ class ChatNVLM(BaseChatModel):
         ```
     """
 
-    model: str = Field(description="The checkpoint folder (e.g. a download of nvidia/NVLM-D-72B), or with "
-                                   "base_url the model name the server serves.")
+    model: str = Field(alias="model_name",
+                       description="The checkpoint folder (e.g. a download of nvidia/NVLM-D-72B), or with "
+                                   "base_url the model name the server serves. Alias: model_name.")
 
     # --- remote: an OpenAI-compatible server instead of local weights ---
     base_url: str | None = None
@@ -106,7 +120,7 @@ class ChatNVLM(BaseChatModel):
     Set, calls go there (see `remote.py`) and the placement fields below do not apply."""
     api_key: SecretStr | None = Field(default_factory=secret_from_env("NVLM_API_KEY", default=None))
     """The server's bearer token; default from the NVLM_API_KEY environment variable (never OPENAI_API_KEY)."""
-    timeout: float | None = None
+    timeout: float | None = Field(default=None, alias="request_timeout")
     """Seconds to wait for the server: to connect, and for each read of its answer (a whole answer
     when not streaming); None is the openai client's default (10 minutes)."""
     max_retries: int = 2
@@ -138,31 +152,69 @@ class ChatNVLM(BaseChatModel):
     pdf_max_pages: int = 8
 
     # --- generation ---
-    temperature: float = 0.0
-    """0 is greedy decoding, the model card's setting."""
+    temperature: float | None = 0.0
+    """0 is greedy decoding, the model card's setting; None means that default too."""
     top_p: float | None = None
     top_k: int | None = None
-    max_tokens: int | None = None
-    """Answer length limit; None is the model card's 1,024."""
-    stop: list[str] | None = None
+    max_tokens: int | None = Field(default=None, alias="max_completion_tokens")
+    """Answer length limit, >= 1; None is the model card's 1,024. Alias: max_completion_tokens."""
+    stop: list[str] | None = Field(default=None, alias="stop_sequences")
+    """Strings that end the answer (one string or a list). Alias: stop_sequences."""
     seed: int | None = None
     repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    """In [-2, 2]: subtracted once from the logit of each token already generated (OpenAI's rule)."""
+    frequency_penalty: float | None = None
+    """In [-2, 2]: subtracted from a token's logit once per time it was generated (OpenAI's rule)."""
+    logprobs: bool | None = None
+    """Return each answer token's log-probability in `response_metadata["logprobs"]` (ChatOpenAI's shape)."""
+    top_logprobs: int | None = None
+    """0..20 likeliest alternatives per token, with `logprobs`."""
     streaming: bool = False
     """Make `invoke` stream internally (callbacks get tokens); `stream` always streams."""
 
-    model_config = ConfigDict(protected_namespaces=())
+    # Fields by name or by alias (ChatOpenAI's spellings: model_name, max_completion_tokens, ...).
+    model_config = ConfigDict(protected_namespaces=(), validate_by_name=True, validate_by_alias=True)
 
     # --- construction ------------------------------------------------------------------
 
     @model_validator(mode="before")
     @classmethod
-    def _warn_unknown_arguments(cls, values: Any) -> Any:
-        if isinstance(values, dict):
-            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
-            unknown = sorted(k for k in values if k not in known)
-            if unknown:
-                warnings.warn(f"ChatNVLM ignores unknown argument(s) {unknown}", UserWarning, stacklevel=4)
-        return values
+    def _refuse_unknown_arguments(cls, values: Any) -> Any:
+        # An argument no field reads would be silently dropped: a local engine has nowhere to
+        # forward it (ChatOpenAI moves unknown ones into model_kwargs for its API; see below).
+        if not isinstance(values, dict):
+            return values
+        known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+        unknown = sorted(k for k in values if k not in known)
+        if not unknown:
+            return values
+        problems = []
+        for name in unknown:
+            if name == "model_kwargs":
+                problems.append("model_kwargs (no pass-through: a local engine has nowhere to send it, and "
+                                "every option ChatNVLM sends to a server is a field of its own)")
+                continue
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            problems.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(f"ChatNVLM got unknown argument(s): {', '.join(problems)}")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("temperature", mode="after")
+    @classmethod
+    def _no_temperature_is_the_default(cls, value: float | None) -> float:
+        return 0.0 if value is None else value  # the model card's greedy decoding
+
+    @field_validator("max_tokens", mode="after")
+    @classmethod
+    def _max_tokens_at_least_one(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:  # 0 used to mean the default, silently
+            raise ValueError(f"max_tokens must be >= 1 (None is the model card's {DEFAULT_MAX_NEW_TOKENS}), got {value}")
+        return value
 
     @model_validator(mode="after")
     def _warn_fields_of_the_other_mode(self) -> ChatNVLM:
@@ -180,7 +232,9 @@ class ChatNVLM(BaseChatModel):
     def _check_options(self) -> ChatNVLM:
         try:  # the engine's own checks, now rather than at the first call
             make_options(max_new_tokens=self.default_max_tokens(), temperature=self.temperature, top_p=self.top_p,
-                         top_k=self.top_k, repetition_penalty=self.repetition_penalty, seed=self.seed, stop=self.stop)
+                         top_k=self.top_k, repetition_penalty=self.repetition_penalty, seed=self.seed, stop=self.stop,
+                         presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                         logprobs=self.logprobs, top_logprobs=self.top_logprobs)
         except Exception as e:
             raise ValueError(str(e)) from e
         if self.max_tiles is not None and self.max_tiles < 1:
@@ -224,11 +278,38 @@ class ChatNVLM(BaseChatModel):
 
     @property
     def _llm_type(self) -> str:
-        return "nvlm"
+        return PROVIDER
+
+    @classmethod
+    def is_lc_serializable(cls) -> bool:
+        return True
+
+    @classmethod
+    def get_lc_namespace(cls) -> list[str]:
+        """`["nvlm_langchain", "chat_models"]`: load with `valid_namespaces=["nvlm_langchain"]`."""
+        return ["nvlm_langchain", "chat_models"]
 
     @property
     def lc_secrets(self) -> dict[str, str]:
         return {"api_key": "NVLM_API_KEY"}
+
+    def to_json(self) -> SerializedConstructor | SerializedNotImplemented:
+        serialized = super().to_json()
+        # LangChain keeps every truthy field, defaults included (device_map="auto", max_retries=2):
+        # the other mode's would make the loaded copy warn that it ignores them.
+        kwargs = serialized.get("kwargs")
+        if isinstance(kwargs, dict):
+            for name in _REMOTE_ONLY if self.base_url is None else _LOCAL_ONLY:
+                kwargs.pop(name, None)
+        return serialized
+
+    def display_name(self, model: str | None = None) -> str:
+        """The model's name in metadata and traces: a checkpoint folder's name ("NVLM-D-72B"), not
+        its path; with base_url, the served name as given."""
+        name = model or self.model
+        if self.base_url is not None:
+            return name
+        return Path(name).expanduser().absolute().name or name
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
@@ -236,19 +317,21 @@ class ChatNVLM(BaseChatModel):
             return {
                 "model": self.model, "base_url": self.base_url, "temperature": self.temperature, "top_p": self.top_p,
                 "top_k": self.top_k, "max_tokens": self.max_tokens, "seed": self.seed, "stop": self.stop,
-                "repetition_penalty": self.repetition_penalty,
+                "repetition_penalty": self.repetition_penalty, "presence_penalty": self.presence_penalty,
+                "frequency_penalty": self.frequency_penalty,
             }
         return {
             "model": self.model, "dialect": self.dialect, "device_map": self.device_map, "dtype": self.dtype,
             "context_length": self.context_length, "max_tiles": self.max_tiles, "temperature": self.temperature,
             "top_p": self.top_p, "top_k": self.top_k, "max_tokens": self.max_tokens, "seed": self.seed,
             "stop": self.stop, "repetition_penalty": self.repetition_penalty,
+            "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
         }
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(
-            ls_provider="nvlm",
-            ls_model_name=str(kwargs.get("model") or self.model),
+            ls_provider=PROVIDER,
+            ls_model_name=self.display_name(kwargs.get("model")),
             ls_model_type="chat",
             ls_temperature=kwargs.get("temperature", self.temperature),
         )
@@ -260,51 +343,44 @@ class ChatNVLM(BaseChatModel):
         return params
 
     def _resolve_model_profile(self) -> ModelProfile | None:
-        pdf = importlib.util.find_spec("pypdfium2") is not None
-        profile = ModelProfile(
-            name="NVLM-D", open_weights=True, text_inputs=True, image_inputs=True,
-            image_url_inputs=self.allow_url_fetch, pdf_inputs=pdf, audio_inputs=False, video_inputs=False,
-            image_tool_message=True, pdf_tool_message=pdf, text_outputs=True, image_outputs=False,
-            audio_outputs=False, video_outputs=False, reasoning_output=False, tool_calling=True, tool_choice=True,
-            tool_call_streaming=True, structured_output=True, temperature=True,
-            mid_conversation_system_messages=False,
-        )
-        # A remote model's name is no folder: its context is the server's (unknown here).
-        context = self.context_length or (None if self.base_url else _checkpoint_context_length(self.model))
-        if context:
-            profile["max_input_tokens"] = context
-        return profile
+        if self.base_url is not None:
+            # Read from the server on first use (profile.py); None here keeps LangChain's
+            # construction-time key check from asking it: `_lazy_server_profile` sets it after.
+            return None
+        return local_profile(self.model, context_length=self.context_length, allow_url_fetch=self.allow_url_fetch)
+
+    @model_validator(mode="after")
+    def _lazy_server_profile(self) -> ChatNVLM:
+        if self.base_url is not None and self.profile is None:
+            key = self.api_key.get_secret_value() if self.api_key is not None else None
+            self.profile = ServerProfile(self.base_url, self.model, key,  # type: ignore[assignment]
+                                         allow_url_fetch=self.allow_url_fetch)
+        return self
 
     # --- generation ----------------------------------------------------------------------
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         if self.base_url is not None:
-            return remote.generate(self, messages, stop, kwargs)
-        plan, handle = self._plan(messages, stop, kwargs)
-        result = None
-        deltas = handle.deltas()
-        try:
-            for delta in deltas:
-                result = delta.result or result
-        finally:
-            deltas.close()  # cancels the request unless it finished (e.g. KeyboardInterrupt)
-        assert result is not None
-        return chat_result(result, plan.model_name, parse_tools=plan.parse_tools)
+            return self._finish(remote.generate(self, messages, stop, kwargs))
+        # The stream, aggregated (as langchain-ollama's): one local code path for both, so an
+        # invoke equals a stream's chunks added up by construction.
+        return self._finish(generate_from_stream(self._stream(messages, stop, run_manager, **kwargs)))
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         # LangChain fires on_llm_new_token for every chunk yielded here; doing it too would double it.
         if self.base_url is not None:
-            yield from remote.stream(self, messages, stop, kwargs)
+            for chunk in remote.stream(self, messages, stop, kwargs):
+                yield self._finish_chunk(chunk)
             return
         plan, handle = self._plan(messages, stop, kwargs)
-        response = ResponseStream(plan.model_name, parse_tools=plan.parse_tools)
+        response = ResponseStream(self.display_name(plan.model_name), parse_tools=plan.parse_tools)
         deltas = handle.deltas()  # a blocking get per delta from the scheduler's thread
         try:
             for delta in deltas:
                 if delta.result is not None:
-                    yield response.last(delta.text, delta.result)
+                    yield self._finish_chunk(response.last(delta.text, delta.result), _logprobs(plan.engine, delta.result))
                 elif (chunk := response.chunk(delta.text)) is not None:
                     yield chunk
         finally:
@@ -313,14 +389,10 @@ class ChatNVLM(BaseChatModel):
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         if self.base_url is not None:
-            return await remote.agenerate(self, messages, stop, kwargs)
-        plan, handle = await self._aplan(messages, stop, kwargs)
-        result = None
-        async with aclosing(handle.adeltas()) as deltas:  # leaving early (a cancelled task) cancels
-            async for delta in deltas:
-                result = delta.result or result
-        assert result is not None
-        return chat_result(result, plan.model_name, parse_tools=plan.parse_tools)
+            return self._finish(await remote.agenerate(self, messages, stop, kwargs))
+        # A cancelled task closes the stream, which cancels the request.
+        async with aclosing(self._astream(messages, stop, run_manager, **kwargs)) as chunks:
+            return self._finish(await agenerate_from_stream(chunks))
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
@@ -328,18 +400,58 @@ class ChatNVLM(BaseChatModel):
         if self.base_url is not None:
             async with aclosing(remote.astream(self, messages, stop, kwargs)) as chunks:
                 async for chunk in chunks:
-                    yield chunk
+                    yield self._finish_chunk(chunk)
             return
         plan, handle = await self._aplan(messages, stop, kwargs)
-        response = ResponseStream(plan.model_name, parse_tools=plan.parse_tools)
+        response = ResponseStream(self.display_name(plan.model_name), parse_tools=plan.parse_tools)
         # Deltas arrive by call_soon_threadsafe from the scheduler's thread: no executor hop per token.
         # aclose() or a cancelled task cancels the request; the scheduler frees its row at the next step.
         async with aclosing(handle.adeltas()) as deltas:
             async for delta in deltas:
                 if delta.result is not None:
-                    yield response.last(delta.text, delta.result)
+                    yield self._finish_chunk(response.last(delta.text, delta.result), _logprobs(plan.engine, delta.result))
                 elif (chunk := response.chunk(delta.text)) is not None:
                     yield chunk
+
+    def _finish(self, result: ChatResult) -> ChatResult:
+        """Adds what both backends report alike: the provider, and the legacy `llm_output` (token
+        usage and model name, as ChatOpenAI's, which callbacks such as cost trackers read)."""
+        for generation in result.generations:
+            generation.message.response_metadata["model_provider"] = PROVIDER
+        message = result.generations[0].message
+        usage = getattr(message, "usage_metadata", None)
+        result.llm_output = {
+            "token_usage": _token_usage(usage) if usage else None,
+            "model_name": message.response_metadata.get("model_name", self.display_name()),
+            "model_provider": PROVIDER,
+        }
+        return result
+
+    @staticmethod
+    def _finish_chunk(chunk: ChatGenerationChunk, logprobs: dict[str, Any] | None = None) -> ChatGenerationChunk:
+        # The last chunk alone carries response_metadata (see responses.py): the provider, the
+        # token usage that invoke's gets from llm_output, and the whole answer's logprobs, in
+        # ChatOpenAI's shape and place (the generation info, which LangChain copies into
+        # response_metadata), so that a stream aggregates to what invoke returns.
+        if getattr(chunk.message, "chunk_position", None) == "last":
+            usage = getattr(chunk.message, "usage_metadata", None)
+            chunk.message.response_metadata["token_usage"] = _token_usage(usage) if usage else None
+            chunk.message.response_metadata["model_provider"] = PROVIDER
+            if logprobs is not None:
+                chunk.generation_info = {**(chunk.generation_info or {}), "logprobs": logprobs}
+        return chunk
+
+    def _combine_llm_outputs(self, llm_outputs: list[dict[str, Any] | None]) -> dict[str, Any]:
+        # As ChatOpenAI: a batch's llm_output sums the token usage.
+        total: dict[str, int] = {}
+        model_name = None
+        for output in llm_outputs:
+            if not output:
+                continue
+            model_name = model_name or output.get("model_name")
+            for key, value in (output.get("token_usage") or {}).items():
+                total[key] = total.get(key, 0) + value
+        return {"token_usage": total, "model_name": model_name or self.display_name(), "model_provider": PROVIDER}
 
     def _plan(self, messages: list[BaseMessage], stop: list[str] | None,
               kwargs: dict[str, Any]) -> tuple[CallPlan, RequestHandle]:
@@ -487,16 +599,23 @@ class ChatNVLM(BaseChatModel):
         return super().get_num_tokens(text)
 
 
+PROVIDER = "nvlm"
+"""`response_metadata["model_provider"]`, `llm_output["model_provider"]` and LangSmith's `ls_provider`."""
+
+
+def _logprobs(engine: NVLMEngine, result: GenerationResult) -> dict[str, Any] | None:
+    """The answer's logprobs in ChatOpenAI's shape, when the request asked for them."""
+    if getattr(result, "logprobs", None) is None:
+        return None
+    return openai_logprobs(engine.tokenizer, result.logprobs)
+
+
+def _token_usage(usage: Any) -> dict[str, int]:
+    """LangChain's usage metadata in OpenAI's `usage` names (`llm_output["token_usage"]`)."""
+    return {"prompt_tokens": usage["input_tokens"], "completion_tokens": usage["output_tokens"],
+            "total_tokens": usage["total_tokens"]}
+
+
 # Fields that only one mode reads: setting one in the other mode warns.
 _REMOTE_ONLY = frozenset({"api_key", "timeout", "max_retries"})
 _LOCAL_ONLY = frozenset({"device_map", "dtype", "max_memory", "dialect", "max_tiles"})
-
-
-def _checkpoint_context_length(folder: str) -> int | None:
-    """`max_position_embeddings` from config.json, without loading anything else."""
-    try:
-        config = json.loads((Path(folder).expanduser() / "config.json").read_text())
-        llm = config.get("llm_config") or config.get("text_config") or config
-        return int(llm["max_position_embeddings"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None

@@ -10,7 +10,8 @@ continuous-batching `Scheduler` (one worker thread), so concurrent calls from an
 tasks, in any dialect, share decode steps instead of running separate loops on one model.
 Loading different checkpoints can overlap; loading the same one twice cannot.
 
-Knows how to load engines and build their grammar compiler; knows nothing of LangChain.
+Knows how to load engines; the grammar compiler is the engine chat layer's (one per
+tokenizer, shared by the views); knows nothing of LangChain.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nvlm_engine import NVLMEngine, PromptDialect
+from nvlm_engine.chat import ChatService, grammars_for
 from nvlm_engine.engine import ProgressCallback
 from nvlm_engine.scheduler import Scheduler
 
 if TYPE_CHECKING:
-    from .grammar import Grammars
+    from nvlm_engine.chat.grammar import Grammars
 
 __all__ = ["EngineSpec", "LoadedEngine", "clear_engines", "get_engine", "loaded_specs"]
 
@@ -76,17 +78,16 @@ class EngineSpec:
 
 
 class LoadedEngine:
-    """Loaded weights, the engine views over them, and their grammar compiler (built on demand)."""
+    """Loaded weights, the engine views over them, their chat services and scheduler."""
 
     def __init__(self, base: NVLMEngine) -> None:
         self.base = base
         self._views: dict[str, NVLMEngine] = {}
-        self._grammars: Grammars | None = None
         self._scheduler: Scheduler | None = None
         self._lock = threading.Lock()
 
     def engine(self, dialect: str = "reference") -> NVLMEngine:
-        """The engine that renders prompts in `dialect` (it never fetches URLs: see `requests.py`)."""
+        """The engine that renders prompts in `dialect` (it never fetches URLs: see `call_plan.py`)."""
         key = PromptDialect(dialect).value
         with self._lock:
             view = self._views.get(key)
@@ -116,16 +117,14 @@ class LoadedEngine:
         if scheduler is not None:
             scheduler.close()
 
+    def chat(self, dialect: str = "reference") -> ChatService:
+        """The chat service of the `dialect` view (grammars shared by all views)."""
+        return ChatService(self.engine(dialect))
+
     @property
     def grammars(self) -> Grammars:
         """The xgrammar compiler for this checkpoint's tokenizer (~1 s to build for 152k tokens)."""
-        with self._lock:
-            if self._grammars is None:
-                from .grammar import Grammars
-
-                base = self.base
-                self._grammars = Grammars(base.tokenizer, base.config.llm.vocab_size, [base.token_ids.end])
-            return self._grammars
+        return grammars_for(self.base)
 
 
 _engines: dict[EngineSpec, LoadedEngine] = {}

@@ -10,7 +10,7 @@ limits on bytes, pages and pixels per page. Local paths are allowed here (messag
 application's input, not a model's), but errors never quote a file's bytes. Audio, video and
 other files are refused with a `ValueError` naming the block.
 
-Tool traffic is written the Qwen2.5 way (see `tool_calls.py`): an AIMessage's `tool_calls` as
+Tool traffic is written the Qwen2.5 way (see `nvlm_engine.chat.tool_calls`): an AIMessage's `tool_calls` as
 `<tool_call>` blocks in its assistant turn, and a run of ToolMessages as one user turn of
 `<tool_response>` blocks, their images included. System messages are merged into the leading
 system turn, which is returned apart so the caller can add the tools block to it.
@@ -40,9 +40,10 @@ from langchain_core.messages import (
 )
 from PIL import Image
 
+from nvlm_engine.chat.tool_calls import TOOL_RESPONSE_END, TOOL_RESPONSE_START, render_tool_calls
+
 from . import pdf
 from .pdf import PDFError, PDFLimitError, PDFPageLimitError, check_byte_count, read_pdf_file, render_pdf
-from .tool_calls import TOOL_RESPONSE_END, TOOL_RESPONSE_START, render_tool_calls
 
 __all__ = ["ContentOptions", "Conversation", "UnsupportedContentError", "to_engine_messages"]
 

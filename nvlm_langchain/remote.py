@@ -36,13 +36,13 @@ from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables.config import run_in_executor
 
 from nvlm_engine import NVLMError
+from nvlm_engine.chat import ResponseFormat, ToolBinding
 from nvlm_engine.fetch import FetchPolicy
 from nvlm_engine.prompts import DEFAULT_SYSTEM_PROMPT
 
+from .call_plan import call_options
 from .remote_messages import to_openai_messages
 from .remote_responses import CompletionStream, chat_result
-from .requests import CALL_OPTIONS, IGNORED_OPTIONS, SAMPLING_OPTIONS, ResponseFormat, normalize_tool_choice
-from .tool_calls import ToolSpec
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI, OpenAI
@@ -116,14 +116,11 @@ def build_request(chat: ChatNVLM, messages: Sequence[BaseMessage], stop: list[st
             tool_choice or response_format, unreadable content blocks.
         nvlm_engine.ImageError: an image that cannot be read (or a URL while fetching is off).
     """
-    unknown = sorted(set(kwargs) - set(CALL_OPTIONS) - set(IGNORED_OPTIONS))
-    if unknown:
-        raise ValueError(f"ChatNVLM got unknown call option(s) {unknown}; known: {sorted(CALL_OPTIONS)}")
     if kwargs.get("max_tiles") is not None:
         raise ValueError("max_tiles is the server's setting in remote mode (nvlm-serve --max-tiles; vLLM "
                          "--mm-processor-kwargs '{\"max_dynamic_patch\": N}'); drop it from the call")
-    options = {name: kwargs.get(name, getattr(chat, name)) for name in SAMPLING_OPTIONS}
-    model_name = str(kwargs.get("model") or chat.model)
+    call = call_options(chat, stop, kwargs)  # the local model's merging, so both modes read the same options
+    options, model_name = call.sampling, call.model_name
     params: dict[str, Any] = {
         "model": model_name,
         "messages": to_openai_messages(messages, chat.content_options(), allow_url_fetch=chat.allow_url_fetch,
@@ -133,41 +130,34 @@ def build_request(chat: ChatNVLM, messages: Sequence[BaseMessage], stop: list[st
         "top_p": DEFAULT_TOP_P if options["top_p"] is None else options["top_p"],
         "max_tokens": options["max_tokens"] or chat.default_max_tokens(),
     }
-    stops = stop if stop is not None else chat.stop
-    if stops:
-        params["stop"] = list(stops)
-    if options["seed"] is not None:
-        params["seed"] = options["seed"]
+    if call.stop:
+        params["stop"] = call.stop
+    for name in ("seed", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs"):
+        if options[name] is not None:
+            params[name] = options[name]
     # vLLM's (and nvlm-serve's) sampling extensions, outside OpenAI's schema.
     extra = {name: options[name] for name in ("top_k", "repetition_penalty") if options[name] is not None}
     if extra:
         params["extra_body"] = extra
-    parse_tools = _add_tools(params, kwargs)
-    if kwargs.get("response_format") is not None:
-        params["response_format"] = _response_format(kwargs["response_format"])
-    return RemoteRequest(params, model_name, parse_tools)
+    _add_tools(params, call.tools, parallel_given=kwargs.get("parallel_tool_calls") is not None)
+    if call.answer is not None:
+        params["response_format"] = _response_format(kwargs["response_format"], call.answer)
+    return RemoteRequest(params, model_name, call.tools.active)
 
 
-def _add_tools(params: dict[str, Any], kwargs: Mapping[str, Any]) -> bool:
-    """Adds tools and tool_choice as OpenAI writes them; True when tools were sent."""
-    tools = [t if isinstance(t, ToolSpec) else ToolSpec.from_openai(t) for t in kwargs.get("tools") or ()]
-    if not tools:
-        return False
-    choice = normalize_tool_choice(kwargs.get("tool_choice"), [t.name for t in tools])
-    if choice == "none":  # as locally: the tools are not shown at all
-        return False
+def _add_tools(params: dict[str, Any], tools: ToolBinding, *, parallel_given: bool) -> None:
+    """Adds tools and tool_choice as OpenAI writes them (with "none" the tools are sent, and no call is made)."""
+    if not tools.tools:
+        return
     params["tools"] = [t.openai or {"type": "function", "function": {"name": t.name, "parameters": t.parameters}}
-                       for t in tools]
-    named = {"type": "function", "function": {"name": choice}}
-    params["tool_choice"] = choice if choice in ("auto", "required") else named
-    if kwargs.get("parallel_tool_calls") is not None:
-        params["parallel_tool_calls"] = bool(kwargs["parallel_tool_calls"])
-    return True
+                       for t in tools.tools]
+    named = {"type": "function", "function": {"name": tools.choice}}
+    params["tool_choice"] = tools.choice if tools.choice in ("auto", "required", "none") else named
+    if parallel_given:
+        params["parallel_tool_calls"] = tools.parallel
 
 
-def _response_format(value: Any) -> dict[str, Any]:
-    answer = ResponseFormat.parse(value)  # the local model's reading, so both modes accept the same shapes
-    assert answer is not None
+def _response_format(value: Any, answer: ResponseFormat) -> dict[str, Any]:
     if answer.schema is None:
         return {"type": "json_object"}
     inner = value.get("json_schema") if isinstance(value, Mapping) else None

@@ -1,17 +1,21 @@
-"""Engine output -> LangChain messages: text, tool calls, usage and response metadata.
+"""Chat events -> LangChain messages and chunks: the one translator, for local and remote answers.
 
-`ResponseStream` turns one request's text deltas into `ChatGenerationChunk`s (text, then
-`tool_call_chunks` as calls complete) and its `GenerationResult` into the last chunk, which
-alone carries `usage_metadata` and `response_metadata`, with `chunk_position="last"`.
-`message_from_result` builds the whole `AIMessage` from the final text with the same parser,
-so a streamed answer aggregates to exactly what `invoke` returns.
+`nvlm_engine.chat` turns a local answer into typed events (`TextDelta`, `ToolCallStarted`,
+`ToolCallArgumentsDelta`, `ToolCallDone`, `Finished`); `remote_responses.py` turns OpenAI wire
+answers into the same events. Here they become LangChain objects, once:
 
-Knows nothing of how requests are made or scheduled.
+- `ChunkTranslator`: events -> `ChatGenerationChunk`s; the last chunk alone carries
+  `usage_metadata` and `response_metadata`, with `chunk_position="last"`;
+- `message_from_events`: all events of an answer -> one `AIMessage`, equal to what the
+  chunks aggregate to.
+
+`ResponseStream` and `chat_result` are the local answer's adapters (engine deltas and
+`GenerationResult`s). Knows nothing of how requests are made or scheduled.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterable
 from typing import Any
 
 from langchain_core.messages import AIMessage, AIMessageChunk
@@ -20,108 +24,143 @@ from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
 from nvlm_engine import GenerationResult
+from nvlm_engine.chat import (
+    ChatEvent,
+    EventReader,
+    Finished,
+    TextDelta,
+    ToolCallArgumentsDelta,
+    ToolCallDone,
+    ToolCallStarted,
+)
 
-from .tool_calls import CallFinished, CallStarted, TextDelta, ToolCallParser, parse_tool_calls
-
-__all__ = ["ResponseStream", "chat_result", "message_from_result", "response_metadata", "usage_metadata"]
-
-
-def usage_metadata(result: GenerationResult) -> UsageMetadata:
-    usage = result.usage
-    return UsageMetadata(
-        input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens, total_tokens=usage.total_tokens
-    )
-
-
-def response_metadata(result: GenerationResult, model_name: str, *, tool_calls: bool) -> dict[str, Any]:
-    """Model name, finish reason ("tool_calls" when the answer ended with calls), timings in seconds."""
-    finish = "tool_calls" if tool_calls and result.finish_reason == "stop" else result.finish_reason
-    return {
-        "model_name": model_name,
-        "finish_reason": finish,
-        "image_tokens": result.usage.image_tokens,
-        "timings": dict(result.timings),
-    }
+__all__ = [
+    "ChunkTranslator",
+    "ResponseStream",
+    "chat_result",
+    "message_from_events",
+    "message_from_result",
+    "response_metadata",
+    "usage_metadata",
+]
 
 
-def message_from_result(result: GenerationResult, model_name: str, *, parse_tools: bool) -> AIMessage:
-    """The whole answer as an `AIMessage` (tool calls parsed when tools were bound)."""
-    if not parse_tools:
-        return AIMessage(
-            content=result.text,
-            usage_metadata=usage_metadata(result),
-            response_metadata=response_metadata(result, model_name, tool_calls=False),
-        )
-    parsed = parse_tool_calls(result.text)
-    return AIMessage(
-        content=parsed.content,
-        tool_calls=[tool_call(name=c.name or "", args=c.args or {}, id=c.id) for c in parsed.valid],
-        invalid_tool_calls=[invalid_tool_call(name=c.name, args=c.raw, id=c.id, error=c.error) for c in parsed.invalid],
-        usage_metadata=usage_metadata(result),
-        response_metadata=response_metadata(result, model_name, tool_calls=bool(parsed.valid)),
-    )
+def usage_metadata(usage: Any) -> UsageMetadata | None:
+    """Engine or OpenAI usage (both have prompt/completion/total_tokens) as LangChain's; None if unknown."""
+    if usage is None:
+        return None
+    prompt, completion = usage.prompt_tokens or 0, usage.completion_tokens or 0
+    total = usage.total_tokens if usage.total_tokens is not None else prompt + completion
+    return UsageMetadata(input_tokens=prompt, output_tokens=completion, total_tokens=total)
 
 
-def chat_result(result: GenerationResult, model_name: str, *, parse_tools: bool) -> ChatResult:
-    message = message_from_result(result, model_name, parse_tools=parse_tools)
+def response_metadata(finished: Finished, model_name: str) -> dict[str, Any]:
+    """Model name and finish reason; for a local answer also image tokens and timings (seconds)."""
+    metadata: dict[str, Any] = {"model_name": model_name, "finish_reason": finished.finish_reason}
+    if finished.result is not None:
+        metadata.update(image_tokens=finished.result.usage.image_tokens, timings=dict(finished.result.timings))
+    return metadata
+
+
+class ChunkTranslator:
+    """One answer's events -> chunks.
+
+    A call is announced with its name (`ToolCallStarted`), then gets its arguments; chunks of
+    one index merge by concatenating strings. An invalid call's arguments are its raw text,
+    which starts with "<tool_call>" and so never parses: it aggregates to an invalid call.
+    """
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self._announced: set[int] = set()
+        self._held: dict[int, str] = {}  # arguments of a call not announced yet
+
+    def chunk(self, events: Iterable[ChatEvent]) -> ChatGenerationChunk | None:
+        """The chunk for some events, or None when there is nothing to show; with a `Finished`
+        among them, the last chunk."""
+        text, calls, finished = "", [], None
+        for event in events:
+            if isinstance(event, TextDelta):
+                text += event.text
+            elif isinstance(event, ToolCallStarted):
+                self._announced.add(event.index)
+                calls.append(tool_call_chunk(name=event.name, args="", id=event.id, index=event.index))
+            elif isinstance(event, ToolCallArgumentsDelta):
+                if event.index in self._announced:
+                    calls.append(tool_call_chunk(name=None, args=event.text, id=None, index=event.index))
+                else:
+                    self._held[event.index] = self._held.get(event.index, "") + event.text
+            elif isinstance(event, ToolCallDone) and event.index not in self._announced:
+                args = self._held.pop(event.index, None)
+                args = args if args is not None else (event.raw if not event.valid else "")
+                calls.append(tool_call_chunk(name=event.name, args=args, id=event.id, index=event.index))
+            elif isinstance(event, Finished):
+                finished = event
+        if finished is None:
+            if not text and not calls:
+                return None
+            return ChatGenerationChunk(message=AIMessageChunk(content=text, tool_call_chunks=calls))
+        metadata = response_metadata(finished, self.model_name)
+        message = AIMessageChunk(content=text, tool_call_chunks=calls, chunk_position="last",
+                                 usage_metadata=usage_metadata(finished.usage), response_metadata=metadata)
+        return ChatGenerationChunk(message=message, generation_info={"finish_reason": finished.finish_reason})
+
+
+def message_from_events(events: Iterable[ChatEvent], model_name: str) -> AIMessage:
+    """A whole answer's events (ending with `Finished`) -> its `AIMessage`."""
+    text, valid, invalid, finished = "", [], [], None
+    for event in events:
+        if isinstance(event, TextDelta):
+            text += event.text
+        elif isinstance(event, ToolCallDone) and event.valid:
+            valid.append(tool_call(name=event.name or "", args=event.args or {}, id=event.id))
+        elif isinstance(event, ToolCallDone):
+            invalid.append(invalid_tool_call(name=event.name, args=event.raw, id=event.id, error=event.error))
+        elif isinstance(event, Finished):
+            finished = event
+    assert finished is not None, "an answer's events end with Finished"
+    return AIMessage(content=text, tool_calls=valid, invalid_tool_calls=invalid,
+                     usage_metadata=usage_metadata(finished.usage),
+                     response_metadata=response_metadata(finished, model_name))
+
+
+def as_chat_result(message: AIMessage) -> ChatResult:
     info = {"finish_reason": message.response_metadata["finish_reason"]}
     return ChatResult(generations=[ChatGeneration(message=message, generation_info=info)])
 
 
+# --- local answers -------------------------------------------------------------------------
+
+
+def message_from_result(result: GenerationResult, model_name: str, *, parse_tools: bool) -> AIMessage:
+    """The whole local answer as an `AIMessage` (tool calls parsed when they may be made)."""
+    reader = EventReader(parse_tools=parse_tools)
+    return message_from_events([*reader.text(result.text), *reader.finish(result)], model_name)
+
+
+def chat_result(result: GenerationResult, model_name: str, *, parse_tools: bool) -> ChatResult:
+    return as_chat_result(message_from_result(result, model_name, parse_tools=parse_tools))
+
+
 class ResponseStream:
-    """One request's deltas -> chunks.
+    """One local request's deltas -> chunks.
 
     Args:
         model_name: reported in the last chunk's `response_metadata`.
-        parse_tools: split `<tool_call>` blocks out of the text (tools are bound).
+        parse_tools: split `<tool_call>` blocks out of the text (tools may be called).
     """
 
     def __init__(self, model_name: str, *, parse_tools: bool) -> None:
         self.model_name = model_name
-        self._parser = ToolCallParser() if parse_tools else None
-        self._valid_calls = 0
+        self._reader = EventReader(parse_tools=parse_tools)
+        self._chunks = ChunkTranslator(model_name)
 
     def chunk(self, text: str) -> ChatGenerationChunk | None:
         """The chunk for a delta, or None when nothing can be shown yet (e.g. inside a call)."""
-        if self._parser is None:
-            return ChatGenerationChunk(message=AIMessageChunk(content=text)) if text else None
-        return self._from_events(self._parser.feed(text), last=None)
+        return self._chunks.chunk(self._reader.text(text))
 
     def last(self, text: str, result: GenerationResult) -> ChatGenerationChunk:
         """The final chunk: the last delta's text, what the parser held back, usage and metadata."""
-        if self._parser is None:
-            message = AIMessageChunk(content=text, chunk_position="last")
-            tool_calls = False
-        else:
-            events = [*self._parser.feed(text), *self._parser.finish()]
-            built = self._from_events(events, last=result)
-            assert built is not None
-            message = built.message  # type: ignore[assignment]
-            tool_calls = self._valid_calls > 0
-        message.usage_metadata = usage_metadata(result)
-        message.response_metadata = response_metadata(result, self.model_name, tool_calls=tool_calls)
-        info = {"finish_reason": message.response_metadata["finish_reason"]}
-        return ChatGenerationChunk(message=message, generation_info=info)
-
-    def _from_events(self, events: list[Any], *, last: GenerationResult | None) -> ChatGenerationChunk | None:
-        text = "".join(e.text for e in events if isinstance(e, TextDelta))
-        chunks = []
-        for event in events:
-            if isinstance(event, CallStarted):
-                chunks.append(tool_call_chunk(name=event.name, args="", id=event.id, index=event.index))
-            elif isinstance(event, CallFinished):
-                chunks.append(self._finished_chunk(event))
-        if last is None and not text and not chunks:
-            return None
-        message = AIMessageChunk(content=text, tool_call_chunks=chunks, chunk_position="last" if last else None)
-        return ChatGenerationChunk(message=message)
-
-    def _finished_chunk(self, event: CallFinished) -> Any:
-        # Chunks of one index are merged by concatenating their strings, so a call announced
-        # earlier gets its arguments only. An invalid call's arguments are its raw text, which
-        # starts with "<tool_call>" and so never parses: it aggregates to an invalid tool call.
-        args = json.dumps(event.args, ensure_ascii=False) if event.valid else event.raw
-        self._valid_calls += event.valid
-        if event.announced:
-            return tool_call_chunk(name=None, args=args, id=None, index=event.index)
-        return tool_call_chunk(name=event.name, args=args, id=event.id, index=event.index)
+        chunk = self._chunks.chunk([*self._reader.text(text), *self._reader.finish(result)])
+        assert chunk is not None
+        return chunk

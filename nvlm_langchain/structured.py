@@ -41,7 +41,7 @@ def structured_output(chat: ChatNVLM, schema: Any, *, method: Method, include_ra
     is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
     trace = {"ls_structured_output_format": {"kwargs": {"method": method}, "schema": schema}}
     parser: Runnable
-    from .grammar import check_schemas
+    from nvlm_engine.chat.grammar_budget import check_schemas
 
     if method == "function_calling":
         function = convert_to_openai_tool(schema)["function"]

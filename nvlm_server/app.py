@@ -1,8 +1,10 @@
 """The FastAPI application: OpenAI-compatible `/v1/chat/completions`, `/v1/models`, `/health`, `/metrics`.
 
-One loaded engine, one continuous-batching scheduler; every request is validated and prepared
-(images decoded, prompt built, context checked) in a worker thread before it is queued, so bad
-input costs no model time. Clients that disconnect are cancelled and free their slot. Errors
+One loaded engine, one continuous-batching scheduler, one `nvlm_engine.chat.ChatService`
+(tools, grammars, system turn, answer events); every request is validated and prepared
+(images decoded, grammar compiled, prompt built, context checked) in a worker thread before
+it is queued, so bad input costs no model time. The answer's chat events become OpenAI JSON
+or SSE in `openai_output.py`. Clients that disconnect are cancelled and free their slot. Errors
 are OpenAI-style JSON with the right status; no stack trace ever reaches a client.
 """
 
@@ -24,15 +26,17 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from nvlm_engine import ContextLengthError, NVLMEngine, NVLMError
+from nvlm_engine.chat import ChatRequest, ChatService, PreparedChat
+from nvlm_engine.chat.grammar_budget import GrammarBusyError, GrammarTooComplexError
 from nvlm_engine.errors import ImageSourceError, ImageTooLargeError
-from nvlm_engine.generation import PreparedRequest
 from nvlm_engine.scheduler import QueueFullError, RequestHandle, Scheduler
 
 from . import schemas
-from .convert import ImagePolicy, RequestRejected
-from .features import RequestFeatures, plan_features
+from .chat_request import to_chat_request
+from .convert import RequestRejected, ServerImagePolicy
 from .fetching import convert_messages
 from .guard import BodyError, Guard, check_api_key, parse_json_body
+from .openai_output import OpenAIOutput
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +47,8 @@ class ServerSettings:
 
     Attributes:
         model_name: the id clients see in /v1/models and responses.
+        model_aliases: more ids the model answers to (vLLM's repeated --served-model-name); a
+            request naming one is answered under that name. Any other name is a 404.
         api_key: when set, every path but /health (the OpenAPI schema included) needs
             `Authorization: Bearer <api_key>`; a visible-ASCII token, never empty (None: no auth).
         max_body_bytes: larger request bodies get 413 (counted as they arrive, chunked ones too).
@@ -51,11 +57,12 @@ class ServerSettings:
             that ends early with finish_reason "length", usage and [DONE].
         max_batch_size, max_queue: scheduler limits; a full queue answers 429.
         grammar_timeout_s: compile budget of a tools / response_format grammar, off the event loop;
-            past it 400 grammar_too_complex (static bounds: nvlm_langchain.grammar.GrammarLimits).
+            past it 400 grammar_too_complex (static bounds: nvlm_engine.chat.grammar_budget.GrammarLimits).
         images: the image policy (inline only by default).
     """
 
     model_name: str = "nvlm-d"
+    model_aliases: tuple[str, ...] = ()
     api_key: str | None = None
     max_body_bytes: int = 32 * 2**20
     max_tiles: int = 6
@@ -63,7 +70,7 @@ class ServerSettings:
     max_batch_size: int = 16
     max_queue: int = 256
     grammar_timeout_s: float = 5.0
-    images: ImagePolicy = field(default_factory=ImagePolicy)
+    images: ServerImagePolicy = field(default_factory=ServerImagePolicy)
 
     def __post_init__(self) -> None:
         if self.api_key is not None:
@@ -86,6 +93,7 @@ def create_app(engine: NVLMEngine, settings: ServerSettings | None = None) -> Fa
     settings = settings or ServerSettings()
     metrics = _Metrics()
     scheduler = Scheduler(engine, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue)
+    service = ChatService(engine)
     metrics.queued.set_function(lambda: scheduler.queued)
     metrics.running.set_function(lambda: scheduler.running)
 
@@ -96,6 +104,7 @@ def create_app(engine: NVLMEngine, settings: ServerSettings | None = None) -> Fa
 
     app = FastAPI(title="nvlm-serve", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.scheduler = scheduler
+    app.state.chat = service
 
     # API key, body limit and the last line of defence, as pure ASGI (see guard.py for why not @app.middleware)
     app.add_middleware(Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
@@ -110,12 +119,14 @@ def create_app(engine: NVLMEngine, settings: ServerSettings | None = None) -> Fa
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0, "owned_by": "nvlm"}]}
+        # max_model_len: the context length, under vLLM's name, so remote clients can derive a profile.
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0, "owned_by": "nvlm",
+                                            "max_model_len": engine.context_length}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         started = time.perf_counter()
-        response = await _chat(request, engine, scheduler, settings, metrics)
+        response = await _chat(request, service, scheduler, settings, metrics)
         metrics.requests.labels(str(response.status_code)).inc()
         metrics.latency.observe(time.perf_counter() - started)
         return response
@@ -123,7 +134,7 @@ def create_app(engine: NVLMEngine, settings: ServerSettings | None = None) -> Fa
     return app
 
 
-async def _chat(request: Request, engine: NVLMEngine, scheduler: Scheduler, settings: ServerSettings,
+async def _chat(request: Request, service: ChatService, scheduler: Scheduler, settings: ServerSettings,
                 metrics: _Metrics) -> Response:
     # 1. read and validate the body (the guard stops reading it past max_body_bytes)
     body = await request.body()
@@ -138,12 +149,19 @@ async def _chat(request: Request, engine: NVLMEngine, scheduler: Scheduler, sett
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "extra_forbidden":
+            return _error(400, f"unsupported field {where!r}: this server does not implement it; remove it",
+                          code="unsupported_parameter", param=where)
         return _error(400, f"invalid request: {where}: {first['msg']}", code="invalid_request", param=where)
-    # 2. convert and prepare off the event loop (image decoding, tokenization)
+    if req.model is not None and req.model not in (settings.model_name, *settings.model_aliases):
+        return _error(404, f"the model {req.model!r} does not exist; this server serves {settings.model_name!r} "
+                      "(GET /v1/models)", code="model_not_found", param="model")
+    # 2. convert and prepare off the event loop (image decoding, grammar compiling, tokenization)
     try:
-        features = await run_in_threadpool(plan_features, req, engine, settings.grammar_timeout_s)  # grammars compile
         messages = await convert_messages(request.app, req.messages, settings.images)  # URLs in their own pool
-        prepared = await run_in_threadpool(_prepare, engine, messages, req, settings, features)
+        default_max = min(1024, service.engine.context_length // 4)
+        chat = to_chat_request(req, messages, settings.max_tiles, default_max)
+        prepared = await run_in_threadpool(_prepare, service, chat, settings)
     except RequestRejected as e:
         return _error(e.status, str(e), code=e.code, param=e.param)
     except ContextLengthError as e:
@@ -156,41 +174,42 @@ async def _chat(request: Request, engine: NVLMEngine, scheduler: Scheduler, sett
         return _error(400, str(e), code=type(e).__name__)
     # 3. queue it
     try:
-        handle = scheduler.submit(prepared, loop=asyncio.get_running_loop())
+        handle = scheduler.submit(prepared.request, loop=asyncio.get_running_loop())
     except QueueFullError as e:
         return _error(429, str(e), "rate_limit_error", "queue_full")
+    output = OpenAIOutput(lambda i: service.engine.tokenizer.decode([i]), logprobs=prepared.logprobs)
     model = req.model or settings.model_name
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(
-            _sse(handle, model, include_usage, features, settings, metrics),
+            _sse(handle, prepared, output, model, include_usage, settings, metrics),
             media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
         )
-    return await _complete(request, handle, model, features, settings, metrics)
+    return await _complete(request, handle, prepared, output, model, settings, metrics)
 
 
-def _prepare(engine: NVLMEngine, messages: list[dict[str, Any]], req: schemas.ChatCompletionRequest,
-             settings: ServerSettings, features: RequestFeatures) -> PreparedRequest:
-    max_tokens = req.max_completion_tokens or req.max_tokens or min(1024, engine.context_length // 4)
-    return engine.prepare(
-        features.messages(messages),
-        max_new_tokens=max_tokens,
-        temperature=req.temperature if req.temperature is not None else 0.0,
-        top_p=req.top_p, top_k=req.top_k, repetition_penalty=req.repetition_penalty, seed=req.seed,
-        stop=req.stop, max_tiles=_tiles_per_image(messages, settings.max_tiles),
-        constraint=features.constraint(),
-    )
+def _prepare(service: ChatService, chat: ChatRequest, settings: ServerSettings) -> PreparedChat:
+    """The chat layer's preparation; grammar refusals become the server's answers.
+
+    Compiling waits at most `grammar_timeout_s` (plus the wait for a free compile worker), then
+    answers 400 `grammar_too_complex`; busy workers answer 503.
+    """
+    param = "tools" if chat.tools.tools else "response_format"
+    try:
+        return service.prepare(chat, grammar_timeout_s=settings.grammar_timeout_s)
+    except GrammarTooComplexError as e:
+        raise RequestRejected(str(e), code="grammar_too_complex", param=param) from e
+    except GrammarBusyError as e:
+        raise RequestRejected(str(e), status=503, code="grammar_busy", param=param) from e
+    except NVLMError:
+        raise
+    except ValueError as e:  # a schema xgrammar cannot express
+        raise RequestRejected(f"cannot use the given schema: {e}", code="invalid_schema", param=param) from e
 
 
-def _tiles_per_image(messages: list[dict[str, Any]], budget: int) -> int:
-    """The request's tile budget shared by its images, as the engine and ChatNVLM do (6 // n)."""
-    images = sum(1 for m in messages for p in m["content"] if isinstance(p, dict) and p.get("type") == "image")
-    return max(1, budget // max(1, images))
-
-
-async def _complete(request: Request, handle: RequestHandle, model: str, features: RequestFeatures,
-                    settings: ServerSettings, metrics: _Metrics) -> Response:
-    consume = asyncio.ensure_future(_drain(handle))
+async def _complete(request: Request, handle: RequestHandle, prepared: PreparedChat, output: OpenAIOutput,
+                    model: str, settings: ServerSettings, metrics: _Metrics) -> Response:
+    consume = asyncio.ensure_future(_drain(handle, prepared, output))
     deadline = time.monotonic() + settings.request_timeout_s
     while not consume.done():
         await asyncio.wait({consume}, timeout=0.25)
@@ -206,45 +225,44 @@ async def _complete(request: Request, handle: RequestHandle, model: str, feature
                 pass  # it failed while being cancelled: the timeout is still the answer
             return _error(504, f"request exceeded {settings.request_timeout_s:.0f}s and was cancelled", "timeout", "timeout")
     try:
-        text = consume.result()
+        consume.result()
     except NVLMError as e:  # this request failed alone (e.g. its sampling); never a 500
         return _error(422, str(e), "server_error", type(e).__name__)
     result = handle.result
     assert result is not None
     _observe(metrics, result)
-    message, finish = features.message(text, result.finish_reason)
     usage = schemas.usage_dict(result.usage.prompt_tokens, result.usage.completion_tokens)
-    return JSONResponse(schemas.completion(schemas.completion_id(), model, message, finish, usage))
+    return JSONResponse(schemas.completion(schemas.completion_id(), model, output.message(), output.finish_reason,
+                                           usage, logprobs=output.logprobs))
 
 
-async def _drain(handle: RequestHandle) -> str:
-    return "".join([piece async for piece in handle.astream()])
+async def _drain(handle: RequestHandle, prepared: PreparedChat, output: OpenAIOutput) -> None:
+    reader = prepared.reader()
+    async for delta in handle.adeltas():
+        output.push(reader.feed(delta))
 
 
-async def _sse(handle: RequestHandle, model: str, include_usage: bool, features: RequestFeatures,
+async def _sse(handle: RequestHandle, prepared: PreparedChat, output: OpenAIOutput, model: str, include_usage: bool,
                settings: ServerSettings, metrics: _Metrics) -> AsyncIterator[bytes]:
     cid = schemas.completion_id()
     yield _event(schemas.chunk(cid, model, {"role": "assistant", "content": ""}))
-    stream = features.stream_translator()
+    reader = prepared.reader()
     # At the deadline a timer cancels the request; it ends at its next step ("cancelled", sent as
     # "length", as OpenAI reports a cut answer), then usage and [DONE] as usual. Not a timeout
     # around each read: cancelling a read closes the generator before its final delta.
     deadline = asyncio.get_running_loop().call_later(settings.request_timeout_s, handle.cancel)
-    pieces = handle.astream()
+    deltas = handle.adeltas()
     try:
         try:
-            async for piece in pieces:
-                for delta in stream.push(piece):
-                    yield _event(schemas.chunk(cid, model, delta))
+            async for delta in deltas:
+                for piece, logprobs in output.push(reader.feed(delta)):
+                    yield _event(schemas.chunk(cid, model, piece, logprobs=logprobs))
         finally:
             deadline.cancel()
         result = handle.result
         assert result is not None
         _observe(metrics, result)
-        for delta in stream.finish():
-            yield _event(schemas.chunk(cid, model, delta))
-        finish = stream.finish_reason(result.finish_reason)
-        yield _event(schemas.chunk(cid, model, {}, finish))
+        yield _event(schemas.chunk(cid, model, {}, output.finish_reason))
         if include_usage:
             usage = schemas.usage_dict(result.usage.prompt_tokens, result.usage.completion_tokens)
             yield _event(schemas.chunk(cid, model, {}, usage=usage, empty_choices=True))
@@ -259,7 +277,7 @@ async def _sse(handle: RequestHandle, model: str, include_usage: bool, features:
     finally:
         if handle.result is None:  # client disconnected mid-stream
             handle.cancel()
-        await pieces.aclose()
+        await deltas.aclose()
 
 
 def _observe(metrics: _Metrics, result: Any) -> None:

@@ -10,7 +10,7 @@ import click
 from nvlm_engine import NVLMEngine, NVLMError
 
 from .app import ServerSettings, create_app
-from .convert import ImagePolicy
+from .convert import ServerImagePolicy
 from .guard import check_api_key
 
 
@@ -31,7 +31,8 @@ def _api_key(ctx: click.Context, param: click.Parameter, value: str | None) -> s
 @click.option("-m", "--model", "model_path", required=True, envvar="NVLM_MODEL", help="NVLM-D checkpoint folder.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
 @click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--served-model-name", default=None, help="Model id shown to clients (default: the folder name).")
+@click.option("--served-model-name", multiple=True,
+              help="Model id clients name (default: the folder name); repeat it for more names (the first is listed).")
 @click.option("--api-key", default=None, envvar="NVLM_API_KEY", callback=_api_key,
               help="Require this bearer token on every path but /health (visible ASCII, not empty).")
 @click.option("--device-map", default="auto", show_default=True)
@@ -58,7 +59,7 @@ def _api_key(ctx: click.Context, param: click.Parameter, value: str | None) -> s
 @click.option("--image-fetch-workers", default=8, show_default=True, type=click.IntRange(1, 256),
               help="Threads fetching image URLs, shared by all requests (busy until the deadline: 503).")
 @click.option("--log-level", default="info", show_default=True)
-def main(model_path: str, host: str, port: int, served_model_name: str | None, api_key: str | None, device_map: str,
+def main(model_path: str, host: str, port: int, served_model_name: tuple[str, ...], api_key: str | None, device_map: str,
          dtype: str, max_batch_size: int, max_queue: int, max_tiles: int, max_images: int, max_body_mb: int,
          request_timeout: float, grammar_timeout: float, shutdown_timeout: float, allow_image_urls: bool,
          allowed_hosts: tuple[str, ...],
@@ -72,12 +73,13 @@ def main(model_path: str, host: str, port: int, served_model_name: str | None, a
     except NVLMError as e:
         raise click.ClickException(str(e)) from e
     settings = ServerSettings(
-        model_name=served_model_name or engine.name, api_key=api_key, max_body_bytes=max_body_mb * 2**20,
+        model_name=served_model_name[0] if served_model_name else engine.name,
+        model_aliases=tuple(served_model_name[1:]), api_key=api_key, max_body_bytes=max_body_mb * 2**20,
         max_tiles=max_tiles, request_timeout_s=request_timeout, max_batch_size=max_batch_size, max_queue=max_queue,
         grammar_timeout_s=grammar_timeout,
-        images=ImagePolicy(allow_url_fetch=allow_image_urls, allowed_hosts=tuple(h.lower() for h in allowed_hosts),
-                           max_images=max_images, allow_private_addresses=allow_private_image_hosts,
-                           fetch_timeout_s=image_fetch_timeout, fetch_workers=image_fetch_workers),
+        images=ServerImagePolicy(allow_url_fetch=allow_image_urls, allowed_hosts=tuple(h.lower() for h in allowed_hosts),
+                                 max_images=max_images, allow_private_addresses=allow_private_image_hosts,
+                                 fetch_timeout_s=image_fetch_timeout, fetch_workers=image_fetch_workers),
     )
     # past the grace period uvicorn cancels the request tasks; the app's shutdown then stops the scheduler
     uvicorn.run(create_app(engine, settings), host=host, port=port, log_level=log_level.lower(),

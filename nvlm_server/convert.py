@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from nvlm_engine import NVLMError, load_image
+from nvlm_engine.chat import render_tool_calls
 from nvlm_engine.errors import ImageDecodeError, ImageOptionsError, ImageURLRefusedError
 from nvlm_engine.fetch import FetchPolicy, fetch_url
 
@@ -35,7 +36,7 @@ class RequestRejected(NVLMError):
 
 
 @dataclass(frozen=True)
-class ImagePolicy:
+class ServerImagePolicy:
     """What image sources the server accepts.
 
     Attributes:
@@ -67,7 +68,7 @@ class ImagePolicy:
     def __post_init__(self) -> None:
         if self.fetch_workers < 1 or not self.fetch_timeout_s > 0:
             raise ImageOptionsError(
-                f"ImagePolicy needs fetch_workers >= 1 and fetch_timeout_s > 0; got fetch_workers={self.fetch_workers}, "
+                f"ServerImagePolicy needs fetch_workers >= 1 and fetch_timeout_s > 0; got fetch_workers={self.fetch_workers}, "
                 f"fetch_timeout_s={self.fetch_timeout_s}"
             )
         self.fetch_policy  # noqa: B018 - validates allowed_hosts and max_redirects now, not at the first fetch
@@ -79,7 +80,7 @@ class ImagePolicy:
                            max_redirects=self.max_redirects)
 
 
-def image_urls(messages: list[Message], policy: ImagePolicy) -> list[str]:
+def image_urls(messages: list[Message], policy: ServerImagePolicy) -> list[str]:
     """The request's http(s) image URLs, each once, after the checks that need no network.
 
     Raises:
@@ -103,7 +104,7 @@ def image_urls(messages: list[Message], policy: ImagePolicy) -> list[str]:
     return urls
 
 
-def to_engine_messages(messages: list[Message], policy: ImagePolicy,
+def openai_to_engine_messages(messages: list[Message], policy: ServerImagePolicy,
                        fetched: Mapping[str, bytes] | None = None) -> list[dict[str, Any]]:
     """Convert and check; tool turns are rendered the Qwen2.5 (Hermes) way.
 
@@ -138,8 +139,6 @@ def to_engine_messages(messages: list[Message], policy: ImagePolicy,
                 else:
                     parts.append({"type": "text", "text": part.text})
         if role == "assistant" and message.tool_calls:
-            from nvlm_langchain.tool_calls import render_tool_calls
-
             content = "".join(p["text"] for p in parts if p["type"] == "text")
             calls = [{"name": c.function.name, "args": _arguments(c.function.arguments)} for c in message.tool_calls]
             parts = [{"type": "text", "text": render_tool_calls(content, calls)}]
@@ -151,7 +150,7 @@ def to_engine_messages(messages: list[Message], policy: ImagePolicy,
     return out
 
 
-def resolve_image(url: str, policy: ImagePolicy, fetched: Mapping[str, bytes] | None = None) -> bytes | Any:
+def resolve_image(url: str, policy: ServerImagePolicy, fetched: Mapping[str, bytes] | None = None) -> bytes | Any:
     """Bytes of a data URL, or a fetched PIL image for an allowed http(s) URL; anything else is refused."""
     if url.startswith("data:"):
         header, _, payload = url.partition(",")
@@ -180,7 +179,7 @@ def resolve_image(url: str, policy: ImagePolicy, fetched: Mapping[str, bytes] | 
                           "local paths and other schemes are refused", code="invalid_image_url")
 
 
-def fetch_image(url: str, policy: ImagePolicy, deadline: float | None = None) -> bytes:
+def fetch_image(url: str, policy: ServerImagePolicy, deadline: float | None = None) -> bytes:
     """The body behind an image URL, under the policy on every hop; a refusal is a `RequestRejected`."""
     try:
         return fetch_url(url, policy.fetch_policy, max_bytes=policy.max_image_bytes, timeout_s=policy.fetch_timeout_s,
@@ -189,7 +188,7 @@ def fetch_image(url: str, policy: ImagePolicy, deadline: float | None = None) ->
         raise RequestRejected(str(e), code="image_url_not_allowed") from e
 
 
-def _check_fetchable(url: str, policy: ImagePolicy) -> None:
+def _check_fetchable(url: str, policy: ServerImagePolicy) -> None:
     """The checks of the URL as written; the fetcher repeats them, and checks addresses, on every hop."""
     if not policy.allow_url_fetch:
         raise RequestRejected("this server does not fetch image URLs; send the image inline as a data URL",

@@ -3,12 +3,12 @@
 A fetch is slow on the remote host's terms: a host that never answers holds a thread until the
 timeout. So fetches never run in the threads that convert and prepare requests (Starlette's
 shared pool of 40): they run in `ImageFetchPool`'s few threads. A request's fetches share one
-deadline, `ImagePolicy.fetch_timeout_s` from arrival, waiting for a free worker included; a
+deadline, `ServerImagePolicy.fetch_timeout_s` from arrival, waiting for a free worker included; a
 request that finds every worker busy for most of it (a worker freeing up with under a quarter
 of the budget left is not taken) is answered 503. Text-only requests, and requests with inline
 images only, never come here.
 
-What may be fetched is `convert.py`'s `ImagePolicy` and the engine's `FetchPolicy`; this module
+What may be fetched is `convert.py`'s `ServerImagePolicy` and the engine's `FetchPolicy`; this module
 only decides where and until when.
 """
 
@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from nvlm_engine.errors import ImageSourceError
 
-from .convert import ImagePolicy, RequestRejected, fetch_image, image_urls, to_engine_messages
+from .convert import RequestRejected, ServerImagePolicy, fetch_image, image_urls, openai_to_engine_messages
 from .schemas import Message
 
 __all__ = ["ImageFetchPool", "convert_messages"]
@@ -50,7 +50,7 @@ class ImageFetchPool:
         self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="nvlm-image-fetch")
         self._slots = asyncio.Semaphore(workers)
 
-    async def fetch(self, urls: list[str], policy: ImagePolicy) -> dict[str, bytes]:
+    async def fetch(self, urls: list[str], policy: ServerImagePolicy) -> dict[str, bytes]:
         """Fetch every URL concurrently before the request's deadline; the first failure fails the request.
 
         Raises:
@@ -71,14 +71,14 @@ class ImageFetchPool:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _busy(self, policy: ImagePolicy) -> RequestRejected:
+    def _busy(self, policy: ServerImagePolicy) -> RequestRejected:
         return RequestRejected(
             f"all {self.workers} image-fetch workers of this server stayed busy for most of the request's "
             f"{policy.fetch_timeout_s:g} s image deadline; retry later, or send the image inline as a data URL",
             status=503, code="image_fetch_busy",
         )
 
-    async def _fetch_one(self, url: str, policy: ImagePolicy, deadline: float) -> bytes:
+    async def _fetch_one(self, url: str, policy: ServerImagePolicy, deadline: float) -> bytes:
         loop = asyncio.get_running_loop()
         try:
             await asyncio.wait_for(self._slots.acquire(), timeout=max(0.0, deadline - time.monotonic()))
@@ -106,8 +106,8 @@ class ImageFetchPool:
             ) from None
 
 
-async def convert_messages(app: Any, messages: list[Message], policy: ImagePolicy) -> list[dict[str, Any]]:
-    """`to_engine_messages` for one request, its image URLs fetched first in `app`'s fetch pool.
+async def convert_messages(app: Any, messages: list[Message], policy: ServerImagePolicy) -> list[dict[str, Any]]:
+    """`openai_to_engine_messages` for one request, its image URLs fetched first in `app`'s fetch pool.
 
     Args:
         app: the Starlette/FastAPI app whose `state` holds the pool (made at the first fetch).
@@ -116,10 +116,10 @@ async def convert_messages(app: Any, messages: list[Message], policy: ImagePolic
     """
     urls = image_urls(messages, policy)  # refusals that need no network come before any waiting
     fetched = await _pool(app, policy).fetch(urls, policy) if urls else {}
-    return await run_in_threadpool(to_engine_messages, messages, policy, fetched)
+    return await run_in_threadpool(openai_to_engine_messages, messages, policy, fetched)
 
 
-def _pool(app: Any, policy: ImagePolicy) -> ImageFetchPool:
+def _pool(app: Any, policy: ServerImagePolicy) -> ImageFetchPool:
     # Made on the event loop thread, so two first requests cannot both make one.
     pool = getattr(app.state, "image_fetch_pool", None)
     if pool is None:

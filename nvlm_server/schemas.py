@@ -1,7 +1,10 @@
 """The OpenAI chat-completions wire format: requests validated with pydantic, responses built as dicts.
 
-Unknown request fields are ignored (clients send many); known fields with the wrong type or
-out of range are a 400 with the field named. vLLM's sampling extensions `top_k` and
+A top-level field this server does not implement is a 400 naming it (never silently ignored);
+the harmless ones OpenAI clients and LangChain's ChatOpenAI send (`user`, `metadata`, `store`
+false, an empty `logit_bias`, `stream_options`, `n` 1) are accepted. Inside messages and tools
+unknown keys are ignored (clients add their own, e.g. `strict`). Known fields with the wrong
+type or out of range are a 400 with the field named. vLLM's sampling extensions `top_k` and
 `repetition_penalty` are accepted too. Numbers must be finite (Python's JSON reader accepts
 `NaN` and `Infinity`, which would poison a whole decode batch) and seeds must fit 64 bits,
 signed or unsigned (what a torch generator takes); the engine makes tiny temperatures greedy.
@@ -74,7 +77,9 @@ class ResponseFormat(_Lenient):
     json_schema: dict[str, Any] | None = None
 
 
-class ChatCompletionRequest(_Lenient):
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
     stream: bool = False
@@ -90,7 +95,32 @@ class ChatCompletionRequest(_Lenient):
     n: int = Field(default=1, ge=1, le=1)
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    # Accepted because clients send them by default, and harmless: who the end user is, tags,
+    # and "do not store" (this server stores nothing). A bias or storing is refused below.
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value:
+            raise ValueError("logit_bias is not supported by this server; send none (or an empty object)")
+        return value
+
+    @field_validator("store")
+    @classmethod
+    def _no_store(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("store=true is not supported: this server stores no completions")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -112,25 +142,29 @@ def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion(cid: str, model: str, message: dict[str, Any], finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
+def completion(cid: str, model: str, message: dict[str, Any], finish_reason: str, usage: dict[str, int],
+               logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {
         "id": cid,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason,
+                     "logprobs": None if logprobs is None else {"content": logprobs}}],
         "usage": usage,
     }
 
 
 def chunk(cid: str, model: str, delta: dict[str, Any], finish_reason: str | None = None,
-          usage: dict[str, int] | None = None, *, empty_choices: bool = False) -> dict[str, Any]:
+          usage: dict[str, int] | None = None, *, empty_choices: bool = False,
+          logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": cid,
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": model,
-        "choices": [] if empty_choices else [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+        "choices": [] if empty_choices else [{"index": 0, "delta": delta, "finish_reason": finish_reason,
+                                              "logprobs": None if logprobs is None else {"content": logprobs}}],
     }
     if usage is not None:
         body["usage"] = usage

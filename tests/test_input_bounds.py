@@ -29,7 +29,7 @@ from nvlm_engine.prompts import ImageSlot, PromptBuilder, PromptDialect, PromptM
 from nvlm_engine.testing import write_tiny_tokenizer
 from nvlm_engine.tiling import preprocess_image
 from nvlm_engine.tokenizer import load_tokenizer
-from nvlm_server import ImagePolicy, ServerSettings
+from nvlm_server import ServerImagePolicy, ServerSettings
 from server.conftest import running_server
 from shared_paths import REAL_72B
 
@@ -202,7 +202,7 @@ def test_pil_strip_is_refused_before_resizing(tiny_engine) -> None:
 
 @pytest.fixture(scope="module")
 def roomy_server(tiny_engine) -> Iterator[str]:
-    settings = ServerSettings(model_name="nvlm-tiny", max_body_bytes=40 * MIB, images=ImagePolicy(max_images=2))
+    settings = ServerSettings(model_name="nvlm-tiny", max_body_bytes=40 * MIB, images=ServerImagePolicy(max_images=2))
     with running_server(tiny_engine, settings) as url:
         yield url
 

@@ -469,7 +469,7 @@ def test_tracing_parameters(chat) -> None:
     params = chat._get_ls_params(stop=["x"], model="other", temperature=0.5, max_tokens=7)
     assert params == {"ls_provider": "nvlm", "ls_model_name": "other", "ls_model_type": "chat",
                       "ls_temperature": 0.5, "ls_max_tokens": 7, "ls_stop": ["x"]}
-    assert chat._get_ls_params()["ls_model_name"] == chat.model
+    assert chat._get_ls_params()["ls_model_name"] == Path(chat.model).name  # the checkpoint's name, not its path
     assert chat._identifying_params["model"] == chat.model and chat._identifying_params["max_tokens"] == 12
 
 
@@ -496,7 +496,7 @@ def test_models_are_cheap_and_share_one_engine(chat, nvlm_alias) -> None:
     # Both dialects' requests run on the one scheduler of these weights, as their own engines would.
     expected = vllm.engine.generate([{"role": "user", "content": "hi"}], max_new_tokens=12)
     assert vllm.invoke("hi", max_tokens=12).content == expected.text
-    assert chat.invoke("hi", model=nvlm_alias).response_metadata["model_name"] == nvlm_alias
+    assert chat.invoke("hi", model=nvlm_alias).response_metadata["model_name"] == Path(nvlm_alias).name
 
 
 def test_bad_options_fail_early_and_clearly(chat) -> None:

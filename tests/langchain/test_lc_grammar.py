@@ -10,8 +10,8 @@ import uuid
 import pytest
 import torch
 
-from nvlm_langchain.engines import get_engine
-from nvlm_langchain.grammar import (
+from nvlm_engine.chat import ToolSpec
+from nvlm_engine.chat.grammar import (
     GrammarBusyError,
     GrammarConstraint,
     GrammarLimits,
@@ -19,7 +19,7 @@ from nvlm_langchain.grammar import (
     GrammarTooComplexError,
     check_schemas,
 )
-from nvlm_langchain.tool_calls import ToolSpec
+from nvlm_langchain.engines import get_engine
 
 ADD = ToolSpec("add", {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
                        "required": ["a", "b"]})
@@ -95,7 +95,7 @@ def test_json_schema_allows_only_the_enum(grammars, tokenizer) -> None:
 
 def test_a_rejected_token_lifts_the_constraint_and_is_logged(grammars, tokenizer, caplog) -> None:
     constraint = grammars.constraint(grammars.json_object())
-    with caplog.at_level(logging.WARNING, logger="nvlm_langchain.grammar"):
+    with caplog.at_level(logging.WARNING, logger="nvlm_engine.chat.grammar"):
         constraint.accept(tokenizer.encode("x", add_special_tokens=False)[0])
     assert "rejected token" in caplog.text and constraint.allowed() is None and not constraint.done
 

@@ -31,7 +31,7 @@ from server.conftest import running_server  # tests/server: the real nvlm-serve 
 from shared_paths import TOKEN_SCALE
 from typing_extensions import TypedDict
 
-import nvlm_server.features
+import nvlm_server.openai_output
 from nvlm_engine import ImageSourceError
 from nvlm_langchain import ChatNVLM
 from nvlm_langchain.remote import RemoteError, ServerConnectionError, ServerError, build_request
@@ -41,14 +41,15 @@ from nvlm_server import ServerSettings
 KEY = "remote-test-key"
 _REFUSAL = "tools and response_format are not supported"
 SERVER_LACKS_TOOLS = pytest.mark.skipif(
-    _REFUSAL in Path(nvlm_server.features.__file__).read_text(),
-    reason=f"nvlm-serve still answers 400 '{_REFUSAL} by this server build' (nvlm_server/features.py)",
+    _REFUSAL in Path(nvlm_server.openai_output.__file__).read_text(),
+    reason=f"nvlm-serve still answers 400 '{_REFUSAL} by this server build' (nvlm_server/openai_output.py)",
 )
 
 
 @pytest.fixture(scope="module")
 def server_url(tiny_engine) -> Any:
-    settings = ServerSettings(model_name="nvlm-tiny", api_key=KEY, max_batch_size=8)
+    # the integration suite's model override asks for "nvlm-tiny-renamed": one more name of the model
+    settings = ServerSettings(model_name="nvlm-tiny", model_aliases=("nvlm-tiny-renamed",), api_key=KEY, max_batch_size=8)
     with running_server(tiny_engine, settings) as url:
         yield url
 
@@ -328,8 +329,10 @@ def test_tool_traffic_is_written_the_openai_way() -> None:
                                                    "image_url": {"url": f"data:image/png;base64,{picture}"}}]}
     named = build_request(chat, history[:1], None, chat.bind_tools([get_weather], tool_choice="get_weather").kwargs)
     assert named.params["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
-    hidden = build_request(chat, history[:1], None, chat.bind_tools([get_weather], tool_choice="none").kwargs)
-    assert "tools" not in hidden.params and not hidden.parse_tools
+    # tool_choice "none" as OpenAI means it: the tools are sent (the model sees them), no call is made
+    unused = build_request(chat, history[:1], None, chat.bind_tools([get_weather], tool_choice="none").kwargs)
+    assert unused.params["tool_choice"] == "none" and unused.params["tools"] == named.params["tools"]
+    assert not unused.parse_tools
 
 
 def test_response_formats_are_sent_in_openai_shape() -> None:
@@ -469,7 +472,7 @@ class TestRemoteIntegration(standard.TestChatNVLMIntegration):
 
     @property
     def model_override_value(self) -> str:
-        return "nvlm-tiny-renamed"  # nvlm-serve answers under the name it is asked for
+        return "nvlm-tiny-renamed"  # nvlm-serve answers under the name it is asked for, one of its names
 
     @pytest.fixture(autouse=True)
     def _local_downloads(self, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,6 +14,7 @@ bytes (a network boundary fake: the model still reads real image and PDF files).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -87,7 +88,9 @@ class TestChatNVLMUnit(ChatModelUnitTests):
 
     @property
     def chat_model_params(self) -> dict[str, Any]:
-        return {"model": _paths["model"], **CHAT_PARAMS}
+        # Unit tests never load the weights; a fixed folder keeps test_serdes's snapshot stable
+        # (__snapshots__/test_lc_standard.ambr; regenerate with --snapshot-update).
+        return {"model": "/models/NVLM-D-72B", **CHAT_PARAMS}
 
     @property
     def standard_chat_model_params(self) -> dict[str, Any]:
@@ -122,6 +125,14 @@ class TestChatNVLMUnit(ChatModelUnitTests):
     @property
     def model_override_value(self) -> str:
         return _paths["alias"]
+
+    # The snapshot half passes (__snapshots__/); the load half cannot for a package outside LangChain's.
+    @pytest.mark.xfail(reason="langchain-tests 1.1.9's test_serdes loads with allowed_objects='all', which admits only "
+                              "classes in langchain_core's own mapping, so any third-party model raises 'Deserialization "
+                              "of (...) is not allowed'; loads(..., allowed_objects=[ChatNVLM]) round-trips (checked in "
+                              "test_lc_conformance.py)", raises=ValueError, strict=True)
+    def test_serdes(self, model: Any, snapshot: Any) -> None:
+        super().test_serdes(model, snapshot)
 
 
 class TestChatNVLMIntegration(ChatModelIntegrationTests):
@@ -164,7 +175,13 @@ class TestChatNVLMIntegration(ChatModelIntegrationTests):
 
     @property
     def model_override_value(self) -> str:
-        return _paths["alias"]
+        # The suites check `override in response_metadata["model_name"]`, and ChatNVLM reports a
+        # folder by its name, not its path: the alias is given relative to its parent (the cwd here).
+        return Path(_paths["alias"]).name
+
+    @pytest.fixture(autouse=True)
+    def _in_the_alias_folder(self, monkeypatch: pytest.MonkeyPatch, nvlm_alias: str) -> None:
+        monkeypatch.chdir(Path(nvlm_alias).parent)
 
     @MAGIC_FUNCTION_OF_3
     @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)

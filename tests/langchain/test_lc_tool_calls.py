@@ -11,10 +11,10 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 from lc_inputs import CHAT_PARAMS
 
 from nvlm_engine import GenerationResult, Usage
+from nvlm_engine.chat import TextDelta, ToolCallDone, ToolCallParser, ToolCallStarted, parse_tool_calls
 from nvlm_langchain import ChatNVLM
-from nvlm_langchain.requests import compose_call
+from nvlm_langchain.call_plan import compose_call
 from nvlm_langchain.responses import ResponseStream, message_from_result
-from nvlm_langchain.tool_calls import CallFinished, CallStarted, TextDelta, ToolCallParser, parse_tool_calls
 
 CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
 
@@ -30,7 +30,7 @@ def feed_in_pieces(text: str, seed: int) -> list:
 
 def summary(events: list) -> tuple[str, list]:
     text = "".join(e.text for e in events if isinstance(e, TextDelta))
-    calls = [(e.name, e.args, e.raw if not e.valid else None) for e in events if isinstance(e, CallFinished)]
+    calls = [(e.name, e.args, e.raw if not e.valid else None) for e in events if isinstance(e, ToolCallDone)]
     return text, calls
 
 
@@ -90,7 +90,7 @@ def test_a_call_is_announced_as_soon_as_its_name_is_known() -> None:
     parser = ToolCallParser()
     assert parser.feed('<tool_call>\n{"name": "add", "argu') == []
     (started,) = parser.feed('ments": {"a"')
-    assert isinstance(started, CallStarted) and started.name == "add" and started.index == 0
+    assert isinstance(started, ToolCallStarted) and started.name == "add" and started.index == 0
     (finished,) = parser.feed(": 1}}\n</tool_call>")
     assert finished.id == started.id and finished.announced and finished.args == {"a": 1}
 
@@ -158,6 +158,8 @@ def test_reference_dialect_keeps_the_card_system_prompt_and_adds_the_tools(nvlm_
     system = compose_call(chat, [HumanMessage("hi")], {"tools": [WEATHER]}).messages[0]
     assert system["role"] == "system" and system["content"].startswith("Answer the questions.\n\n# Tools\n")
     assert json.dumps(WEATHER) in system["content"]
-    assert compose_call(chat, [HumanMessage("hi")], {"tools": [WEATHER], "tool_choice": "none"}).messages[0]["role"] == "user"
+    # tool_choice "none" (OpenAI's meaning): the tools stay visible, the grammar forbids a call
+    unused = compose_call(chat, [HumanMessage("hi")], {"tools": [WEATHER], "tool_choice": "none"}).messages[0]
+    assert unused == system
     mine = compose_call(chat, [SystemMessage("Be brief."), HumanMessage("hi")], {"tools": [WEATHER]}).messages[0]
     assert mine["content"].startswith("Be brief.\n\n# Tools\n")

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import pytest
 import uvicorn
 
-from nvlm_server import ImagePolicy, ServerSettings, create_app
+from nvlm_server import ServerImagePolicy, ServerSettings, create_app
 
 
 @contextmanager
@@ -35,6 +35,6 @@ def running_server(engine, settings: ServerSettings) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def server_url(tiny_engine) -> Iterator[str]:
     settings = ServerSettings(model_name="nvlm-tiny", max_body_bytes=2 * 2**20, max_batch_size=16,
-                              images=ImagePolicy(max_images=2))
+                              images=ServerImagePolicy(max_images=2))
     with running_server(tiny_engine, settings) as url:
         yield url

@@ -11,9 +11,9 @@ import time
 import httpx
 import pytest
 from PIL import Image
-
-from nvlm_server import ImagePolicy, ServerSettings
 from shared_paths import TOKEN_SCALE
+
+from nvlm_server import ServerImagePolicy, ServerSettings
 
 from .conftest import running_server
 
@@ -276,7 +276,7 @@ def test_image_urls_are_fetched_only_from_allowed_hosts(tiny_engine) -> None:
     png = _png(64, 64, (200, 0, 0))
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
             self.send_header("Content-Length", str(len(png)))
@@ -292,12 +292,12 @@ def test_image_urls_are_fetched_only_from_allowed_hosts(tiny_engine) -> None:
     body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
                                                       {"type": "text", "text": "Color?"}]}], "max_tokens": 3}
     try:
-        allowed = ServerSettings(images=ImagePolicy(allow_url_fetch=True, allowed_hosts=("127.0.0.1",)))
+        allowed = ServerSettings(images=ServerImagePolicy(allow_url_fetch=True, allowed_hosts=("127.0.0.1",)))
         with running_server(tiny_engine, allowed) as url:
             ok = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
             assert ok.status_code == 200, ok.text
             assert ok.json()["usage"]["prompt_tokens"] > 256  # the fetched image is in the prompt
-        other = ServerSettings(images=ImagePolicy(allow_url_fetch=True, allowed_hosts=("images.example.com",)))
+        other = ServerSettings(images=ServerImagePolicy(allow_url_fetch=True, allowed_hosts=("images.example.com",)))
         with running_server(tiny_engine, other) as url:
             refused = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
             assert refused.status_code == 400 and "allowlist" in refused.json()["error"]["message"]

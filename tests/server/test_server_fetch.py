@@ -14,11 +14,11 @@ import httpx
 import pytest
 from hostile_http import SECRET, SECRET_TYPE, body, hang, hostile_server, png_bytes, redirect
 
-from nvlm_server import ImagePolicy, ServerSettings
+from nvlm_server import ServerImagePolicy, ServerSettings
 
 from .conftest import running_server
 
-LOOPBACK_ONLY = ImagePolicy(allow_url_fetch=True, allowed_hosts=("127.0.0.1",))
+LOOPBACK_ONLY = ServerImagePolicy(allow_url_fetch=True, allowed_hosts=("127.0.0.1",))
 
 
 def chat_body(image_url: str | None, max_tokens: int = 3) -> dict:
@@ -43,7 +43,7 @@ def test_allowed_image_url_is_fetched_in_the_fetch_pool(tiny_engine, images) -> 
     assert ok.json()["usage"]["prompt_tokens"] > 256  # the fetched image is in the prompt
 
 
-def check_redirects_are_refused(tiny_engine, images, policy: ImagePolicy) -> None:
+def check_redirects_are_refused(tiny_engine, images, policy: ServerImagePolicy) -> None:
     images.routes["/metadata"] = redirect("http://169.254.169.254/latest/meta-data/")
     images.routes["/loop"] = redirect("/loop")
     with hostile_server("127.0.0.2") as other:
@@ -66,19 +66,19 @@ def test_redirects_off_the_allowlist_are_refused_before_connecting(tiny_engine, 
 
 
 def test_the_allowlist_holds_on_redirects_even_with_private_addresses_allowed(tiny_engine, images, connections) -> None:
-    policy = ImagePolicy(allow_url_fetch=True, allowed_hosts=("127.0.0.1",), allow_private_addresses=True)
+    policy = ServerImagePolicy(allow_url_fetch=True, allowed_hosts=("127.0.0.1",), allow_private_addresses=True)
     check_redirects_are_refused(tiny_engine, images, policy)
     assert set(connections) == {"127.0.0.1"}
 
 
 def test_private_addresses_need_the_operator_switch(tiny_engine, images, connections) -> None:
     images.routes["/red.png"] = body(png_bytes((64, 64)))
-    any_host = ImagePolicy(allow_url_fetch=True)
+    any_host = ServerImagePolicy(allow_url_fetch=True)
     with running_server(tiny_engine, ServerSettings(images=any_host)) as url:
         refused = httpx.post(url + "/v1/chat/completions", json=chat_body(f"{images.base}/red.png"), timeout=60)
     assert refused.status_code == 400 and "--allow-private-image-hosts" in refused.json()["error"]["message"]
     assert connections == [] and images.hits == []
-    switched_on = ImagePolicy(allow_url_fetch=True, allow_private_addresses=True)
+    switched_on = ServerImagePolicy(allow_url_fetch=True, allow_private_addresses=True)
     with running_server(tiny_engine, ServerSettings(images=switched_on)) as url:
         ok = httpx.post(url + "/v1/chat/completions", json=chat_body(f"{images.base}/red.png"), timeout=60)
     assert ok.status_code == 200, ok.text
@@ -97,7 +97,7 @@ def test_fetched_bytes_and_headers_never_reach_the_client(tiny_engine, images) -
 
 def test_a_hanging_image_host_ends_at_the_request_deadline(tiny_engine, images) -> None:
     images.routes["/slow.png"] = hang(30)
-    policy = ImagePolicy(allow_url_fetch=True, allowed_hosts=("127.0.0.1",), fetch_timeout_s=1.0)
+    policy = ServerImagePolicy(allow_url_fetch=True, allowed_hosts=("127.0.0.1",), fetch_timeout_s=1.0)
     with running_server(tiny_engine, ServerSettings(images=policy)) as url:
         start = time.monotonic()
         answer = httpx.post(url + "/v1/chat/completions", json=chat_body(f"{images.base}/slow.png"), timeout=60)
@@ -110,7 +110,7 @@ def test_hanging_fetches_do_not_delay_text_requests(tiny_engine, images) -> None
     """45 requests hang on their image URL; a text-only request still answers at once (finding M5)."""
     images.routes["/slow.png"] = hang(30)
     deadline_s = 4.0
-    policy = ImagePolicy(allow_url_fetch=True, allowed_hosts=("127.0.0.1",), fetch_timeout_s=deadline_s)
+    policy = ServerImagePolicy(allow_url_fetch=True, allowed_hosts=("127.0.0.1",), fetch_timeout_s=deadline_s)
 
     async def scenario(url: str) -> tuple[float, list[httpx.Response], float]:
         limits = httpx.Limits(max_connections=100, max_keepalive_connections=0)

@@ -94,6 +94,15 @@ FIELDS = {  # every field of schemas.ChatCompletionRequest but messages
     "response_format": st.fixed_dictionaries(
         {"type": st.sampled_from(["text", "json_object", "json_schema"])},
         optional={"json_schema": st.fixed_dictionaries({"name": texts}, optional={"schema": schema_like})}),
+    "parallel_tool_calls": st.booleans(),
+    "logprobs": st.booleans(),
+    "top_logprobs": st.integers(0, 20),
+    "presence_penalty": st.floats(-2, 2),
+    "frequency_penalty": st.floats(-2, 2),
+    "logit_bias": st.just({}) | st.dictionaries(st.sampled_from(["1", "50"]), st.floats(-100, 100), max_size=1),
+    "user": texts,
+    "metadata": st.dictionaries(st.sampled_from(["k"]), texts, max_size=1),
+    "store": st.booleans(),
 }
 assert set(FIELDS) == set(schemas.ChatCompletionRequest.model_fields) - {"messages"}
 plausible = st.fixed_dictionaries({"messages": conversation}, optional=FIELDS)  # type: ignore[arg-type]

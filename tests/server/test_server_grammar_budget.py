@@ -14,8 +14,8 @@ import uuid
 
 import httpx
 
+from nvlm_engine.chat import grammars_for
 from nvlm_server import ServerSettings
-from nvlm_server.features import grammars_for
 
 from .conftest import running_server
 

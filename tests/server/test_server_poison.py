@@ -88,10 +88,10 @@ def poisoned_prepare(monkeypatch):
     the request then fails at its first sampled token, as 1e-300 did before the fix."""
     real = server_app._prepare
 
-    def prepare(engine, messages, req, settings, features):
-        prepared = real(engine, messages, req, settings, features)
-        if any(POISON in str(m["content"]) for m in messages):
-            object.__setattr__(prepared.options, "temperature", 1e-300)
+    def prepare(service, chat, settings):
+        prepared = real(service, chat, settings)
+        if any(POISON in str(m["content"]) for m in chat.messages):
+            object.__setattr__(prepared.request.options, "temperature", 1e-300)
         return prepared
 
     monkeypatch.setattr(server_app, "_prepare", prepare)

@@ -11,7 +11,7 @@ writes them (see `nvlm_engine.tokenizer.QWEN2_CHAT_TEMPLATE`):
 
 `ToolCallParser` reads the answer incrementally (text deltas in, events out) and never raises:
 a block that is not a call of the expected shape, or that the answer cut off, comes out as an
-invalid call carrying the raw text. Knows nothing of LangChain or of the engine.
+invalid call carrying the raw text. Knows nothing of LangChain, HTTP or the model.
 """
 
 from __future__ import annotations
@@ -23,15 +23,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .events import TextDelta, ToolCallDone, ToolCallStarted
+
 __all__ = [
     "TOOL_CALL_END",
     "TOOL_CALL_START",
     "TOOL_RESPONSE_END",
     "TOOL_RESPONSE_START",
-    "CallFinished",
-    "CallStarted",
     "ParsedOutput",
-    "TextDelta",
     "ToolCallParser",
     "ToolSpec",
     "parse_tool_calls",
@@ -103,38 +102,7 @@ def render_tool_calls(content: str, calls: Iterable[Mapping[str, Any]]) -> str:
 # --- answer side ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TextDelta:
-    text: str
-
-
-@dataclass(frozen=True)
-class CallStarted:
-    """A call's name is known (its arguments are still coming)."""
-
-    index: int
-    name: str
-    id: str
-
-
-@dataclass(frozen=True)
-class CallFinished:
-    """A call is complete: `args` is set when it is valid, else `raw` and `error` say why not."""
-
-    index: int
-    name: str | None
-    id: str
-    args: dict[str, Any] | None
-    raw: str = ""
-    error: str | None = None
-    announced: bool = False  # a CallStarted with this index came first
-
-    @property
-    def valid(self) -> bool:
-        return self.args is not None
-
-
-Event = TextDelta | CallStarted | CallFinished
+Event = TextDelta | ToolCallStarted | ToolCallDone
 
 
 class ToolCallParser:
@@ -211,7 +179,7 @@ class ToolCallParser:
             return True
         if end < 0:
             if not self._announced and (match := _HEADER.match(self._body)):
-                events.append(CallStarted(self._index, _unescape(match.group(1)), self._call_id))
+                events.append(ToolCallStarted(self._index, self._call_id, _unescape(match.group(1))))
                 self._announced = True
             return False
         body, rest = self._body[:end], self._body[end + len(TOOL_CALL_END) :]
@@ -234,7 +202,7 @@ class ToolCallParser:
             events.append(TextDelta(text))
             self._wrote_text = True
 
-    def _complete(self, body: str) -> CallFinished:
+    def _complete(self, body: str) -> ToolCallDone:
         raw = TOOL_CALL_START + body + TOOL_CALL_END
         try:
             call = json.loads(body)
@@ -254,13 +222,14 @@ class ToolCallParser:
             return self._invalid(raw, '"arguments" must be a JSON object', body, name=call["name"])
         return self._finished(call["name"], args, raw, None)
 
-    def _invalid(self, raw: str, error: str, body: str, *, name: str | None = None) -> CallFinished:
+    def _invalid(self, raw: str, error: str, body: str, *, name: str | None = None) -> ToolCallDone:
         if name is None and (match := _NAME.search(body)):
             name = _unescape(match.group(1))
         return self._finished(name, None, raw, error)
 
-    def _finished(self, name: str | None, args: dict[str, Any] | None, raw: str, error: str | None) -> CallFinished:
-        event = CallFinished(self._index, name, self._call_id or _new_id(), args, raw, error, self._announced)
+    def _finished(self, name: str | None, args: dict[str, Any] | None, raw: str, error: str | None) -> ToolCallDone:
+        event = ToolCallDone(self._index, self._call_id or _new_id(), name, raw if args is None else args,
+                             args is not None, error, self._announced)
         self._index += 1
         self._call_id, self._announced = "", False
         return event
@@ -271,14 +240,14 @@ class ParsedOutput:
     """A whole answer split into text, valid calls and invalid ones (in call order)."""
 
     content: str
-    calls: list[CallFinished]
+    calls: list[ToolCallDone]
 
     @property
-    def valid(self) -> list[CallFinished]:
+    def valid(self) -> list[ToolCallDone]:
         return [c for c in self.calls if c.valid]
 
     @property
-    def invalid(self) -> list[CallFinished]:
+    def invalid(self) -> list[ToolCallDone]:
         return [c for c in self.calls if not c.valid]
 
 
@@ -288,7 +257,7 @@ def parse_tool_calls(text: str) -> ParsedOutput:
     events = [*parser.feed(text), *parser.finish()]
     return ParsedOutput(
         content="".join(e.text for e in events if isinstance(e, TextDelta)),
-        calls=[e for e in events if isinstance(e, CallFinished)],
+        calls=[e for e in events if isinstance(e, ToolCallDone)],
     )
 
 
