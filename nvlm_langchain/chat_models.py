@@ -40,6 +40,7 @@ from pydantic import ConfigDict, Field, SecretStr, field_validator, model_valida
 
 from nvlm_engine import GenerationResult, NVLMEngine
 from nvlm_engine.chat import normalize_tool_choice
+from nvlm_engine.chat.logprobs import openai_logprobs
 from nvlm_engine.sampling import DEFAULT_MAX_NEW_TOKENS, make_options
 from nvlm_engine.scheduler import RequestHandle
 
@@ -47,7 +48,6 @@ from . import remote
 from .call_plan import CallPlan, compose_call, plan_call
 from .engines import EngineSpec, get_engine
 from .jobs import arun_batch, run_batch, take_ticket
-from .logprobs import openai_logprobs
 from .messages import ContentOptions
 from .profile import ServerProfile, local_profile
 from .responses import ResponseStream

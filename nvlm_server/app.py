@@ -177,7 +177,7 @@ async def _chat(request: Request, service: ChatService, scheduler: Scheduler, se
         handle = scheduler.submit(prepared.request, loop=asyncio.get_running_loop())
     except QueueFullError as e:
         return _error(429, str(e), "rate_limit_error", "queue_full")
-    output = OpenAIOutput(lambda i: service.engine.tokenizer.decode([i]), logprobs=prepared.logprobs)
+    output = OpenAIOutput(service.engine.tokenizer, logprobs=prepared.logprobs)
     model = req.model or settings.model_name
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

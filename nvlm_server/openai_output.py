@@ -9,7 +9,7 @@ raw text as arguments, so clients see an invalid call; a nameless broken one is 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from nvlm_engine.chat import (
@@ -20,6 +20,7 @@ from nvlm_engine.chat import (
     ToolCallDone,
     ToolCallStarted,
 )
+from nvlm_engine.chat.logprobs import logprob_entry
 
 __all__ = ["OpenAIOutput", "openai_finish_reason"]
 
@@ -30,12 +31,12 @@ class OpenAIOutput:
     """One answer's events -> OpenAI deltas and logprobs entries.
 
     Args:
-        token_text: the text of one token id (for logprobs' `token` and `bytes`).
+        tokenizer: the engine's tokenizer (for logprobs' `token` and exact `bytes`).
         logprobs: the request asked for logprobs.
     """
 
-    def __init__(self, token_text: Callable[[int], str], *, logprobs: bool = False) -> None:
-        self._token_text = token_text
+    def __init__(self, tokenizer: Any, *, logprobs: bool = False) -> None:
+        self._tokenizer = tokenizer
         self._logprobs = logprobs
         self._slots: dict[int, int] = {}  # chat-layer call index -> OpenAI tool_calls index
         self._announced: set[int] = set()
@@ -110,11 +111,7 @@ class OpenAIOutput:
             self._all_logprobs.extend(entries)
 
     def _entry(self, lp: Any) -> dict[str, Any]:
-        """A `TokenLogprob` as OpenAI writes it: token, logprob, bytes and the top alternatives."""
-        token = self._token_text(lp.token_id)
-        return {"token": token, "logprob": float(lp.logprob), "bytes": list(token.encode("utf-8")),
-                "top_logprobs": [{"token": (t := self._token_text(i)), "logprob": float(v),
-                                  "bytes": list(t.encode("utf-8"))} for i, v in lp.top]}
+        return logprob_entry(self._tokenizer, lp)
 
 
 def openai_finish_reason(reason: str, calls: bool) -> str:

@@ -236,7 +236,7 @@ def test_an_unreachable_or_unknown_server_gets_the_conservative_profile(models_s
 
 
 def test_logprobs_take_chat_openai_shape_and_spell_the_answer(chat) -> None:
-    from nvlm_langchain.logprobs import openai_logprobs
+    from nvlm_engine.chat.logprobs import openai_logprobs
 
     result = chat.engine.generate([{"role": "user", "content": "hi"}], max_new_tokens=8, logprobs=True,
                                   top_logprobs=2)

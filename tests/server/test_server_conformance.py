@@ -10,6 +10,7 @@ import pytest
 from shared_paths import TOKEN_SCALE
 
 import nvlm_server.app as server_app
+from nvlm_engine.chat.logprobs import logprob_entry
 
 from .test_server import WEATHER_TOOL
 
@@ -89,9 +90,11 @@ def test_logprobs_equal_the_engines_whole_and_streamed(http, tiny_engine) -> Non
     (expected,) = tiny_engine.run([prepared])
     assert len(content) == len(expected.logprobs) == expected.usage.completion_tokens
     for entry, token in zip(content, expected.logprobs, strict=True):
-        assert entry["token"] == tiny_engine.tokenizer.decode([token.token_id])
+        # the same entries ChatNVLM reports: a token's exact bytes (byte-level BPE may split a character)
+        assert entry == logprob_entry(tiny_engine.tokenizer, token) | {"logprob": entry["logprob"],
+                                                                         "top_logprobs": entry["top_logprobs"]}
+        assert bytes(entry["bytes"]).decode("utf-8", errors="replace") == entry["token"]
         assert entry["logprob"] == pytest.approx(token.logprob, abs=1e-4)
-        assert entry["bytes"] == list(entry["token"].encode())
         assert [t["logprob"] for t in entry["top_logprobs"]] == pytest.approx([v for _, v in token.top], abs=1e-4)
     with http.stream("POST", CHAT, json={**body, "stream": True}) as response:
         chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]

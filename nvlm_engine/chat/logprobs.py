@@ -6,7 +6,8 @@ asks for `logprobs`); OpenAI's chat API, and so ChatOpenAI, report
 A token's `bytes` are its exact UTF-8 bytes, which a byte-level BPE token (Qwen2's) may hold
 only part of a character of; its `token` is those bytes decoded with replacement characters.
 
-Knows the byte-level BPE alphabet and OpenAI's shape; knows nothing of chat models.
+Knows the byte-level BPE alphabet and OpenAI's shape; used by the server's output and by
+ChatNVLM's `response_metadata`, so both report the same entries.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
-__all__ = ["openai_logprobs"]
+__all__ = ["logprob_entry", "openai_logprobs", "token_bytes"]
 
 
 @cache
@@ -47,11 +48,13 @@ def _entry(tokenizer: Any, token_id: int, logprob: float) -> dict[str, Any]:
     return {"token": raw.decode("utf-8", errors="replace"), "logprob": float(logprob), "bytes": list(raw)}
 
 
+def logprob_entry(tokenizer: Any, item: Any) -> dict[str, Any]:
+    """One `TokenLogprob` as OpenAI writes it: token, logprob, bytes and its `top_logprobs`."""
+    entry = _entry(tokenizer, item.token_id, item.logprob)
+    entry["top_logprobs"] = [_entry(tokenizer, t, lp) for t, lp in item.top]
+    return entry
+
+
 def openai_logprobs(tokenizer: Any, logprobs: Sequence[Any]) -> dict[str, Any]:
     """`GenerationResult.logprobs` (a `TokenLogprob` per token) -> `{"content": [...]}` as ChatOpenAI's."""
-    content = []
-    for item in logprobs:
-        entry = _entry(tokenizer, item.token_id, item.logprob)
-        entry["top_logprobs"] = [_entry(tokenizer, t, lp) for t, lp in item.top]
-        content.append(entry)
-    return {"content": content}
+    return {"content": [logprob_entry(tokenizer, item) for item in logprobs]}
