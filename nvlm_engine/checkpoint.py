@@ -28,7 +28,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import torch
 from torch import nn
 
-from .config import NVLMConfig, read_json_object
+from .config import NVLMConfig
+from .config_json import read_json_object
 from .errors import CheckpointError, CheckpointTensorError, UnsafeCheckpointError, UnsafeCheckpointPathError
 
 logger = logging.getLogger(__name__)

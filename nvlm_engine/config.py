@@ -16,15 +16,13 @@ Quirks of the published file, each handled here once:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import reprlib
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config_json import JsonFields, check_range, read_json_object
 from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -73,16 +71,16 @@ class VisionConfig:
     def __post_init__(self) -> None:
         # Ranges first: every division below then has a positive divisor.
         where = "vision_config"
-        _check_range(where, "hidden_size", self.hidden_size, 1, MAX_WIDTH)
-        _check_range(where, "intermediate_size", self.intermediate_size, 1, MAX_INTERMEDIATE)
-        _check_range(where, "num_attention_heads", self.num_attention_heads, 1, min(MAX_HEADS, self.hidden_size))
-        _check_range(where, "num_hidden_layers", self.num_hidden_layers, 1, MAX_LAYERS)
-        _check_range(where, "image_size", self.image_size, 1, MAX_IMAGE_SIZE)
-        _check_range(where, "patch_size", self.patch_size, 1, self.image_size)
-        _check_range(where, "num_channels", self.num_channels, 1, MAX_CHANNELS)
-        _check_range(where, "layer_norm_eps", self.layer_norm_eps, 0.0, 1.0, open_low=True)
+        check_range(where, "hidden_size", self.hidden_size, 1, MAX_WIDTH)
+        check_range(where, "intermediate_size", self.intermediate_size, 1, MAX_INTERMEDIATE)
+        check_range(where, "num_attention_heads", self.num_attention_heads, 1, min(MAX_HEADS, self.hidden_size))
+        check_range(where, "num_hidden_layers", self.num_hidden_layers, 1, MAX_LAYERS)
+        check_range(where, "image_size", self.image_size, 1, MAX_IMAGE_SIZE)
+        check_range(where, "patch_size", self.patch_size, 1, self.image_size)
+        check_range(where, "num_channels", self.num_channels, 1, MAX_CHANNELS)
+        check_range(where, "layer_norm_eps", self.layer_norm_eps, 0.0, 1.0, open_low=True)
         if self.num_dummy_heads is not None:
-            _check_range(where, "dummy heads (from the qkv shape)", self.num_dummy_heads, 0, MAX_HEADS)
+            check_range(where, "dummy heads (from the qkv shape)", self.num_dummy_heads, 0, MAX_HEADS)
         if self.hidden_size % self.num_attention_heads:
             raise CheckpointError(
                 f"vision_config.hidden_size ({self.hidden_size}) is not divisible by "
@@ -136,16 +134,16 @@ class LLMConfig:
     def __post_init__(self) -> None:
         # Ranges first: every division below then has a positive divisor.
         where = "llm_config"
-        _check_range(where, "vocab_size", self.vocab_size, 1, MAX_VOCAB)
-        _check_range(where, "hidden_size", self.hidden_size, 1, MAX_WIDTH)
-        _check_range(where, "intermediate_size", self.intermediate_size, 1, MAX_INTERMEDIATE)
-        _check_range(where, "num_hidden_layers", self.num_hidden_layers, 1, MAX_LAYERS)
-        _check_range(where, "num_attention_heads", self.num_attention_heads, 1, min(MAX_HEADS, self.hidden_size))
-        _check_range(where, "num_key_value_heads", self.num_key_value_heads, 1, self.num_attention_heads)
-        _check_range(where, "max_position_embeddings", self.max_position_embeddings, 1, MAX_POSITIONS)
-        _check_range(where, "rms_norm_eps", self.rms_norm_eps, 0.0, 1.0, open_low=True)
-        _check_range(where, "rope_theta", self.rope_theta, 0.0, 1e12, open_low=True)
-        _check_range(where, "rope_scaling.factor", self.rope_scaling_factor, 0.0, MAX_ROPE_FACTOR, open_low=True)
+        check_range(where, "vocab_size", self.vocab_size, 1, MAX_VOCAB)
+        check_range(where, "hidden_size", self.hidden_size, 1, MAX_WIDTH)
+        check_range(where, "intermediate_size", self.intermediate_size, 1, MAX_INTERMEDIATE)
+        check_range(where, "num_hidden_layers", self.num_hidden_layers, 1, MAX_LAYERS)
+        check_range(where, "num_attention_heads", self.num_attention_heads, 1, min(MAX_HEADS, self.hidden_size))
+        check_range(where, "num_key_value_heads", self.num_key_value_heads, 1, self.num_attention_heads)
+        check_range(where, "max_position_embeddings", self.max_position_embeddings, 1, MAX_POSITIONS)
+        check_range(where, "rms_norm_eps", self.rms_norm_eps, 0.0, 1.0, open_low=True)
+        check_range(where, "rope_theta", self.rope_theta, 0.0, 1e12, open_low=True)
+        check_range(where, "rope_scaling.factor", self.rope_scaling_factor, 0.0, MAX_ROPE_FACTOR, open_low=True)
         if self.hidden_size % self.num_attention_heads:
             raise CheckpointError(
                 f"llm_config.hidden_size ({self.hidden_size}) is not divisible by "
@@ -219,8 +217,8 @@ class NVLMConfig:
     def __post_init__(self) -> None:
         if self.ps_version not in ("v1", "v2"):
             raise CheckpointError(f"ps_version must be 'v1' or 'v2', got {self.ps_version!r}.")
-        _check_range("config.json", "downsample_ratio", self.downsample_ratio, 1 / 64, 1.0)
-        _check_range("config.json", "max_dynamic_patch", self.max_dynamic_patch, 1, MAX_TILES)
+        check_range("config.json", "downsample_ratio", self.downsample_ratio, 1 / 64, 1.0)
+        check_range("config.json", "max_dynamic_patch", self.max_dynamic_patch, 1, MAX_TILES)
         grid = self.vision.image_size // self.vision.patch_size
         scale = int(round(1 / self.downsample_ratio))
         if scale * self.downsample_ratio != 1 or grid % scale:
@@ -255,7 +253,7 @@ class NVLMConfig:
         an object belongs, ...) and range-checked by the dataclasses; both are `CheckpointError`s
         that name the field.
         """
-        top = _Fields(data, "config.json")
+        top = JsonFields(data, "config.json")
         architectures = top.texts("architectures")
         model_type = top.text("model_type", "")
         if model_type != "NVLM_D" and "NVLM_D" not in architectures:
@@ -267,7 +265,7 @@ class NVLMConfig:
         for section in ("vision_config", "llm_config"):
             if section not in data:
                 raise CheckpointError(f"config.json has no {section!r} section; it is not an NVLM-D config.")
-        vision, llm = _Fields(data["vision_config"], "vision_config"), _Fields(data["llm_config"], "llm_config")
+        vision, llm = JsonFields(data["vision_config"], "vision_config"), JsonFields(data["llm_config"], "llm_config")
         llm_arch = (llm.texts("architectures") or ["Qwen2ForCausalLM"])[0]
         if llm_arch != "Qwen2ForCausalLM":
             # The published file says model_type "llama"; architectures is what the reference reads.
@@ -296,7 +294,7 @@ class NVLMConfig:
         return cls.from_dict(read_json_object(path, max_bytes=MAX_CONFIG_BYTES))
 
 
-def _parse_vision(raw: _Fields) -> VisionConfig:
+def _parse_vision(raw: JsonFields) -> VisionConfig:
     defaults = VisionConfig()
     return VisionConfig(
         hidden_size=raw.integer("hidden_size", defaults.hidden_size),
@@ -314,7 +312,7 @@ def _parse_vision(raw: _Fields) -> VisionConfig:
     )
 
 
-def _parse_llm(raw: _Fields) -> LLMConfig:
+def _parse_llm(raw: JsonFields) -> LLMConfig:
     defaults = LLMConfig()
     scaling = raw.section("rope_scaling")
     scaling_type = None
@@ -350,124 +348,5 @@ def _parse_llm(raw: _Fields) -> LLMConfig:
     )
     # Here rather than in __post_init__: test configs are built with a small vocabulary first
     # and get the tokenizer's end token afterwards.
-    _check_range("llm_config", "eos_token_id", config.eos_token_id, 0, config.vocab_size - 1)
+    check_range("llm_config", "eos_token_id", config.eos_token_id, 0, config.vocab_size - 1)
     return config
-
-
-# --- reading JSON files that may be hostile ---------------------------------------------------
-
-
-def read_json_object(path: Path, *, max_bytes: int) -> dict[str, Any]:
-    """The JSON object stored in `path`, read within bounds that a hostile file cannot get past.
-
-    At most `max_bytes + 1` bytes are read (a link to `/dev/zero` or a file that grows is cut
-    off), and nesting deeper than the parser's recursion limit is a `CheckpointError`, not a
-    `RecursionError`. Shared by the readers of config.json, the tensor index and the tokenizer config.
-
-    Raises:
-        CheckpointError: unreadable, larger than `max_bytes`, not JSON, too deep, or not an object.
-    """
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(max_bytes + 1)
-    except OSError as e:
-        raise CheckpointError(f"{path} is not readable JSON ({e}); re-download it.") from e
-    if len(raw) > max_bytes:
-        raise CheckpointError(
-            f"{path} is over {max_bytes:,} bytes, the limit for this file (the published NVLM-D-72B one "
-            "is far smaller): it is not a checkpoint file as published. Re-download it."
-        )
-    try:
-        data = json.loads(raw)
-    except RecursionError as e:
-        raise CheckpointError(
-            f"{path} is nested too deeply to parse (more than {sys.getrecursionlimit()} levels); "
-            "it is not a checkpoint file as published. Re-download it."
-        ) from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not readable JSON ({e}); re-download it.") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, got {_json_type(data)}; re-download it.")
-    return data
-
-
-class _Fields:
-    """Typed reads from one JSON object of config.json; a wrong type is a `CheckpointError` naming the field.
-
-    A missing key or JSON null takes the default, as in transformers' configs. Ranges are not
-    checked here but in the dataclasses' `__post_init__`, which also guards configs built in code.
-    """
-
-    def __init__(self, raw: Any, where: str) -> None:
-        if not isinstance(raw, dict):
-            raise CheckpointError(
-                f"config.json: {where} must be a JSON object, got {_json_type(raw)}. "
-                "The file is not an NVLM-D config as published; re-download it."
-            )
-        self.raw, self.where = raw, where
-
-    def _value(self, key: str, default: Any) -> Any:
-        value = self.raw.get(key)
-        return default if value is None else value
-
-    def _wrong(self, key: str, expected: str, value: Any) -> CheckpointError:
-        return CheckpointError(
-            f"config.json: {self.where}.{key} must be {expected}, got {_json_type(value)} {reprlib.repr(value)}. "
-            "Fix that field or re-download config.json."
-        )
-
-    def integer(self, key: str, default: int, *, value: Any = None) -> int:
-        value = self._value(key, default) if value is None else value
-        if isinstance(value, bool) or not isinstance(value, int):  # 2.5, "64" and true are not sizes
-            raise self._wrong(key, "an integer", value)
-        return value
-
-    def number(self, key: str, default: float) -> float:
-        value = self._value(key, default)
-        if not isinstance(value, bool) and isinstance(value, (int, float)):
-            try:
-                if math.isfinite(value):
-                    return float(value)
-            except OverflowError:  # an integer beyond any float
-                pass
-        raise self._wrong(key, "a finite number", value)
-
-    def flag(self, key: str, default: bool) -> bool:
-        value = self._value(key, default)
-        if isinstance(value, int) and value in (0, 1):  # 0/1 flags occur in these configs (use_llm_lora: 0)
-            return bool(value)
-        raise self._wrong(key, "true or false", value)
-
-    def text(self, key: str, default: str) -> str:
-        value = self._value(key, default)
-        if not isinstance(value, str):
-            raise self._wrong(key, "a string", value)
-        return value
-
-    def texts(self, key: str) -> list[str]:
-        value = self._value(key, [])
-        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-            raise self._wrong(key, "an array of strings", value)
-        return value
-
-    def section(self, key: str) -> _Fields | None:
-        value = self.raw.get(key)
-        return None if value is None else _Fields(value, f"{self.where}.{key}")
-
-
-def _check_range(where: str, name: str, value: Any, low: float, high: float, *, open_low: bool = False) -> None:
-    """`low <= value <= high` (`low < value` with `open_low`); NaN and non-numbers fail too."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise CheckpointError(f"{where}.{name} must be a number, got {_json_type(value)} {reprlib.repr(value)}.")
-    if not ((low < value) if open_low else (low <= value)) or not value <= high:
-        interval = f"{'(' if open_low else '['}{low:g}, {high:g}]"
-        raise CheckpointError(
-            f"{where}.{name} is {reprlib.repr(value)}; expected a value in {interval}. config.json does not "
-            "describe a usable NVLM-D model: fix that field or re-download the file."
-        )
-
-
-def _json_type(value: Any) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
-             float: "a number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)

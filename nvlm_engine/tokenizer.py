@@ -23,7 +23,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from nvlm_engine.config import MAX_VOCAB, read_json_object
+from nvlm_engine.config import MAX_VOCAB
+from nvlm_engine.config_json import read_json_object
 from nvlm_engine.errors import CheckpointError
 
 __all__ = [
