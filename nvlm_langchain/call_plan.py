@@ -9,7 +9,8 @@ model compute. Not HTTP: a remote call is `remote.py`'s.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import difflib
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ from langchain_core.messages import BaseMessage
 from nvlm_engine import NVLMEngine, PreparedRequest, load_image
 from nvlm_engine.chat import ChatRequest, ChatService, ResponseFormat, Sampling, ToolBinding
 from nvlm_engine.fetch import FetchPolicy
+from nvlm_engine.sampling import DEFAULT_MAX_NEW_TOKENS
 
 from .engines import LoadedEngine, get_engine
 from .messages import to_engine_messages
@@ -25,13 +27,16 @@ from .messages import to_engine_messages
 if TYPE_CHECKING:
     from .chat_models import ChatNVLM
 
-__all__ = ["CallOptions", "CallPlan", "Composed", "call_options", "compose_call", "plan_call"]
+__all__ = ["CallOptions", "CallPlan", "Composed", "call_options", "compose_call", "plan_call",
+           "unknown_argument_error"]
 
 SAMPLING_OPTIONS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "repetition_penalty", "max_tiles",
                     "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs")
 CALL_OPTIONS = (*SAMPLING_OPTIONS, "model", "tools", "tool_choice", "parallel_tool_calls", "response_format")
 # Passed along by LangChain itself, or meaningless for a local model with a grammar (`strict`).
 IGNORED_OPTIONS = ("stream", "ls_structured_output_format", "structured_output_format", "strict")
+# ChatOpenAI's spellings, taken at call time as by the constructor.
+CALL_ALIASES = {"max_completion_tokens": "max_tokens", "stop_sequences": "stop"}
 
 
 @dataclass(frozen=True)
@@ -49,16 +54,53 @@ def call_options(chat: ChatNVLM, stop: list[str] | None, kwargs: Mapping[str, An
     """Merges fields and keyword arguments (local and remote calls alike).
 
     Raises:
-        ValueError: unknown keyword arguments, a bad tool_choice or response_format.
+        ValueError: unknown keyword arguments, max_tokens < 1, a bad tool_choice or response_format.
     """
+    kwargs, stop = _resolve_aliases(kwargs, stop)
     unknown = sorted(set(kwargs) - set(CALL_OPTIONS) - set(IGNORED_OPTIONS))
     if unknown:
         raise ValueError(f"ChatNVLM got unknown call option(s) {unknown}; known: {sorted(CALL_OPTIONS)}")
+    max_tokens = kwargs.get("max_tokens")
+    if max_tokens is not None and max_tokens < 1:  # as the field: 0 must not silently mean the default
+        raise ValueError(f"max_tokens must be >= 1 (None is the model card's {DEFAULT_MAX_NEW_TOKENS}), got {max_tokens}")
     sampling = {name: kwargs.get(name, getattr(chat, name, None)) for name in SAMPLING_OPTIONS}
     tools = ToolBinding.build(kwargs.get("tools"), kwargs.get("tool_choice"), kwargs.get("parallel_tool_calls"))
     stops = stop if stop is not None else chat.stop
     return CallOptions(sampling, str(kwargs.get("model") or chat.model), tools,
                        ResponseFormat.parse(kwargs.get("response_format")), list(stops) if stops else None)
+
+
+def _resolve_aliases(kwargs: Mapping[str, Any], stop: list[str] | None) -> tuple[dict[str, Any], list[str] | None]:
+    """`max_completion_tokens` -> `max_tokens`, `stop_sequences` -> `stop` (one string or a list)."""
+    out = dict(kwargs)
+    for alias, name in CALL_ALIASES.items():
+        if alias not in out:
+            continue
+        value = out.pop(alias)
+        if name == "stop":
+            if stop is not None:
+                raise ValueError("give stop or stop_sequences, not both")
+            stop = [value] if isinstance(value, str) else value
+        elif name in out:
+            raise ValueError(f"give {name} or {alias}, not both")
+        else:
+            out[name] = value
+    return out, stop
+
+
+def unknown_argument_error(unknown: Sequence[str], known: Iterable[str]) -> ValueError | None:
+    """The constructor's refusal of arguments no field reads, naming the nearest field; None if all are known."""
+    if not unknown:
+        return None
+    problems = []
+    for name in unknown:
+        if name == "model_kwargs":
+            problems.append("model_kwargs (no pass-through: a local engine has nowhere to send it, and "
+                            "every option ChatNVLM sends to a server is a field of its own)")
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        problems.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ValueError(f"ChatNVLM got unknown argument(s): {', '.join(problems)}")
 
 
 @dataclass

@@ -7,15 +7,14 @@ work is done beside it: `requests.py` turns a call into an engine request, `resp
 turns engine output into messages, `engines.py` loads each checkpoint once per process and
 runs all its decoding on one continuous-batching scheduler (so concurrent calls from any
 threads or tasks share decode steps), `jobs.py` submits a `batch`'s inputs together;
-`remote.py` does a call on a server instead, when `base_url` is set.
+`remote.py` does a call on a server instead, when `base_url` is set. The two are backends
+(`backend.py`: `local_backend.py`, `remote_backend.py`), chosen by `base_url` in one place;
+every hook here asks the backend, and `invoke` aggregates the backend's stream.
 """
 
 from __future__ import annotations
 
-import asyncio
-import difflib
 import logging
-import math
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import aclosing
@@ -29,28 +28,23 @@ from langchain_core.language_models.chat_models import agenerate_from_stream, ge
 from langchain_core.language_models.model_profile import ModelProfile
 from langchain_core.load.serializable import SerializedConstructor, SerializedNotImplemented
 from langchain_core.messages import AIMessage, BaseMessage
-from langchain_core.messages.utils import count_tokens_approximately
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig
-from langchain_core.runnables.config import get_config_list, get_executor_for_config, run_in_executor
+from langchain_core.runnables.config import get_config_list
 from langchain_core.tools import BaseTool
 from langchain_core.utils import secret_from_env
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from nvlm_engine import GenerationResult, NVLMEngine
+from nvlm_engine import NVLMEngine
 from nvlm_engine.chat import normalize_tool_choice
-from nvlm_engine.chat.logprobs import openai_logprobs
 from nvlm_engine.sampling import DEFAULT_MAX_NEW_TOKENS, make_options
-from nvlm_engine.scheduler import RequestHandle
 
-from . import remote
-from .call_plan import CallPlan, compose_call, plan_call
-from .engines import EngineSpec, get_engine
-from .jobs import arun_batch, run_batch, take_ticket
+from .backend import Backend, backend_for
+from .call_plan import unknown_argument_error
+from .engines import EngineSpec
 from .messages import ContentOptions
-from .profile import ServerProfile, local_profile
-from .responses import ResponseStream
+from .responses import PROVIDER, combine_llm_outputs, finish_chunk, finish_result
 from .structured import Method, structured_output
 
 __all__ = ["ChatNVLM"]
@@ -88,8 +82,9 @@ class ChatNVLM(BaseChatModel):
         llm.with_structured_output(Invoice).invoke([HumanMessage([image_block, "Extract the invoice."])])
         ```
 
-    Per-call options: `temperature`, `top_p`, `top_k`, `max_tokens`, `seed`,
-    `repetition_penalty`, `max_tiles`, `model` (another checkpoint folder), `stop`.
+    Per-call options: `temperature`, `top_p`, `top_k`, `max_tokens` (alias `max_completion_tokens`),
+    `seed`, `repetition_penalty`, `max_tiles`, `model` (another checkpoint folder), `stop` (alias
+    `stop_sequences`), `logprobs`, `top_logprobs`, `presence_penalty`, `frequency_penalty`.
 
     As ChatOpenAI: the constructor takes its spellings (`model_name`, `max_completion_tokens`,
     `stop_sequences`, `request_timeout`, one `stop` string), and refuses an argument no field
@@ -121,8 +116,8 @@ class ChatNVLM(BaseChatModel):
     api_key: SecretStr | None = Field(default_factory=secret_from_env("NVLM_API_KEY", default=None))
     """The server's bearer token; default from the NVLM_API_KEY environment variable (never OPENAI_API_KEY)."""
     timeout: float | None = Field(default=None, alias="request_timeout")
-    """Seconds to wait for the server: to connect, and for each read of its answer (a whole answer
-    when not streaming); None is the openai client's default (10 minutes)."""
+    """Seconds to wait for the server: to connect, and for each read of its streamed answer (every
+    call streams, invoke too); None is the openai client's default (10 minutes)."""
     max_retries: int = 2
     """Retries of connection errors, timeouts, 429 and 5xx answers, with backoff (the openai client's)."""
 
@@ -182,22 +177,13 @@ class ChatNVLM(BaseChatModel):
     @classmethod
     def _refuse_unknown_arguments(cls, values: Any) -> Any:
         # An argument no field reads would be silently dropped: a local engine has nowhere to
-        # forward it (ChatOpenAI moves unknown ones into model_kwargs for its API; see below).
+        # forward it (ChatOpenAI moves unknown ones into model_kwargs for its API).
         if not isinstance(values, dict):
             return values
         known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
-        unknown = sorted(k for k in values if k not in known)
-        if not unknown:
-            return values
-        problems = []
-        for name in unknown:
-            if name == "model_kwargs":
-                problems.append("model_kwargs (no pass-through: a local engine has nowhere to send it, and "
-                                "every option ChatNVLM sends to a server is a field of its own)")
-                continue
-            close = difflib.get_close_matches(name, sorted(known), n=1)
-            problems.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ValueError(f"ChatNVLM got unknown argument(s): {', '.join(problems)}")
+        if error := unknown_argument_error(sorted(k for k in values if k not in known), known):
+            raise error
+        return values
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -219,13 +205,10 @@ class ChatNVLM(BaseChatModel):
     @model_validator(mode="after")
     def _warn_fields_of_the_other_mode(self) -> ChatNVLM:
         # Explicitly set fields only: a default (or the API key from the environment) says nothing.
-        other = _REMOTE_ONLY if self.base_url is None else _LOCAL_ONLY
-        ignored = sorted(self.model_fields_set & other)
+        ignored = sorted(self.model_fields_set & self._backend.foreign_fields)
         if ignored:
-            mode = "without base_url (a local model)" if self.base_url is None else "with base_url (a remote model)"
-            warnings.warn(f"ChatNVLM ignores {ignored} {mode}", UserWarning, stacklevel=4)
-        if self.base_url is not None and not self.base_url.lower().startswith(("http://", "https://")):
-            raise ValueError(f"base_url must be an http(s) URL like http://host:8000/v1, got {self.base_url!r}")
+            warnings.warn(f"ChatNVLM ignores {ignored} {self._backend.mode}", UserWarning, stacklevel=4)
+        self._backend.check(self)
         return self
 
     @model_validator(mode="after")
@@ -247,26 +230,22 @@ class ChatNVLM(BaseChatModel):
                           max_memory=self.max_memory, context_length=self.context_length)
 
     @property
+    def _backend(self) -> Backend:
+        """Where calls run: chosen by `base_url` here alone (stateless, so a `model_copy` reads its own fields)."""
+        return backend_for(self.base_url)
+
+    @property
     def engine(self) -> NVLMEngine:
         """The engine this model runs on (loads the checkpoint on first access).
 
         Raises:
             remote.RemoteError: a remote model (`base_url` set) has no local engine.
         """
-        self._require_local("engine")
-        return get_engine(self.engine_spec()).engine(self.dialect)
+        return self._backend.engine(self)
 
     def load(self, progress: Callable[[Path, int, int], None] | None = None) -> NVLMEngine:
         """Load the weights now instead of on first use; `progress(shard, number, count)` per shard."""
-        self._require_local("load()")
-        return get_engine(self.engine_spec(), progress).engine(self.dialect)
-
-    def _require_local(self, what: str) -> None:
-        if self.base_url is not None:
-            raise remote.RemoteError(
-                f"{what} needs local weights; this ChatNVLM answers through {self.base_url} (base_url). "
-                "Build ChatNVLM(model=<checkpoint folder>) without base_url to run the model here."
-            )
+        return self._backend.engine(self, progress, what="load()")
 
     def content_options(self) -> ContentOptions:
         return ContentOptions(images_first=self.images_first, pdf_dpi=self.pdf_dpi, pdf_max_pages=self.pdf_max_pages)
@@ -299,34 +278,18 @@ class ChatNVLM(BaseChatModel):
         # the other mode's would make the loaded copy warn that it ignores them.
         kwargs = serialized.get("kwargs")
         if isinstance(kwargs, dict):
-            for name in _REMOTE_ONLY if self.base_url is None else _LOCAL_ONLY:
+            for name in self._backend.foreign_fields:
                 kwargs.pop(name, None)
         return serialized
 
     def display_name(self, model: str | None = None) -> str:
         """The model's name in metadata and traces: a checkpoint folder's name ("NVLM-D-72B"), not
         its path; with base_url, the served name as given."""
-        name = model or self.model
-        if self.base_url is not None:
-            return name
-        return Path(name).expanduser().absolute().name or name
+        return self._backend.display_name(self, model)
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        if self.base_url is not None:  # the server decides placement and prompt layout
-            return {
-                "model": self.model, "base_url": self.base_url, "temperature": self.temperature, "top_p": self.top_p,
-                "top_k": self.top_k, "max_tokens": self.max_tokens, "seed": self.seed, "stop": self.stop,
-                "repetition_penalty": self.repetition_penalty, "presence_penalty": self.presence_penalty,
-                "frequency_penalty": self.frequency_penalty,
-            }
-        return {
-            "model": self.model, "dialect": self.dialect, "device_map": self.device_map, "dtype": self.dtype,
-            "context_length": self.context_length, "max_tiles": self.max_tiles, "temperature": self.temperature,
-            "top_p": self.top_p, "top_k": self.top_k, "max_tokens": self.max_tokens, "seed": self.seed,
-            "stop": self.stop, "repetition_penalty": self.repetition_penalty,
-            "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
-        }
+        return self._backend.identifying_params(self)
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(
@@ -335,7 +298,7 @@ class ChatNVLM(BaseChatModel):
             ls_model_type="chat",
             ls_temperature=kwargs.get("temperature", self.temperature),
         )
-        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        max_tokens = kwargs.get("max_tokens", kwargs.get("max_completion_tokens", self.max_tokens))
         if max_tokens:
             params["ls_max_tokens"] = max_tokens
         if stop or self.stop:
@@ -343,136 +306,48 @@ class ChatNVLM(BaseChatModel):
         return params
 
     def _resolve_model_profile(self) -> ModelProfile | None:
-        if self.base_url is not None:
-            # Read from the server on first use (profile.py); None here keeps LangChain's
-            # construction-time key check from asking it: `_lazy_server_profile` sets it after.
-            return None
-        return local_profile(self.model, context_length=self.context_length, allow_url_fetch=self.allow_url_fetch)
+        return self._backend.profile(self)
 
     @model_validator(mode="after")
     def _lazy_server_profile(self) -> ChatNVLM:
-        if self.base_url is not None and self.profile is None:
-            key = self.api_key.get_secret_value() if self.api_key is not None else None
-            self.profile = ServerProfile(self.base_url, self.model, key,  # type: ignore[assignment]
-                                         allow_url_fetch=self.allow_url_fetch)
+        if self.profile is None and (profile := self._backend.lazy_profile(self)) is not None:
+            self.profile = profile
         return self
 
     # --- generation ----------------------------------------------------------------------
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        if self.base_url is not None:
-            return self._finish(remote.generate(self, messages, stop, kwargs))
-        # The stream, aggregated (as langchain-ollama's): one local code path for both, so an
-        # invoke equals a stream's chunks added up by construction.
-        return self._finish(generate_from_stream(self._stream(messages, stop, run_manager, **kwargs)))
+        # The stream, aggregated (as langchain-ollama's): one code path per backend for both, so
+        # an invoke equals a stream's chunks added up by construction.
+        chunks = self._stream(messages, stop, run_manager, **kwargs)
+        return finish_result(generate_from_stream(chunks), self.display_name())
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         # LangChain fires on_llm_new_token for every chunk yielded here; doing it too would double it.
-        if self.base_url is not None:
-            for chunk in remote.stream(self, messages, stop, kwargs):
-                yield self._finish_chunk(chunk)
-            return
-        plan, handle = self._plan(messages, stop, kwargs)
-        response = ResponseStream(self.display_name(plan.model_name), parse_tools=plan.parse_tools)
-        deltas = handle.deltas()  # a blocking get per delta from the scheduler's thread
+        chunks = self._backend.stream(self, messages, stop, kwargs)
         try:
-            for delta in deltas:
-                if delta.result is not None:
-                    yield self._finish_chunk(response.last(delta.text, delta.result), _logprobs(plan.engine, delta.result))
-                elif (chunk := response.chunk(delta.text)) is not None:
-                    yield chunk
+            for chunk in chunks:
+                yield finish_chunk(chunk)
         finally:
-            deltas.close()  # the consumer stopped early: the request is cancelled, its row freed
+            chunks.close()  # stopping early cancels the request
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        if self.base_url is not None:
-            return self._finish(await remote.agenerate(self, messages, stop, kwargs))
         # A cancelled task closes the stream, which cancels the request.
         async with aclosing(self._astream(messages, stop, run_manager, **kwargs)) as chunks:
-            return self._finish(await agenerate_from_stream(chunks))
+            return finish_result(await agenerate_from_stream(chunks), self.display_name())
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        if self.base_url is not None:
-            async with aclosing(remote.astream(self, messages, stop, kwargs)) as chunks:
-                async for chunk in chunks:
-                    yield self._finish_chunk(chunk)
-            return
-        plan, handle = await self._aplan(messages, stop, kwargs)
-        response = ResponseStream(self.display_name(plan.model_name), parse_tools=plan.parse_tools)
-        # Deltas arrive by call_soon_threadsafe from the scheduler's thread: no executor hop per token.
-        # aclose() or a cancelled task cancels the request; the scheduler frees its row at the next step.
-        async with aclosing(handle.adeltas()) as deltas:
-            async for delta in deltas:
-                if delta.result is not None:
-                    yield self._finish_chunk(response.last(delta.text, delta.result), _logprobs(plan.engine, delta.result))
-                elif (chunk := response.chunk(delta.text)) is not None:
-                    yield chunk
-
-    def _finish(self, result: ChatResult) -> ChatResult:
-        """Adds what both backends report alike: the provider, and the legacy `llm_output` (token
-        usage and model name, as ChatOpenAI's, which callbacks such as cost trackers read)."""
-        for generation in result.generations:
-            generation.message.response_metadata["model_provider"] = PROVIDER
-        message = result.generations[0].message
-        usage = getattr(message, "usage_metadata", None)
-        result.llm_output = {
-            "token_usage": _token_usage(usage) if usage else None,
-            "model_name": message.response_metadata.get("model_name", self.display_name()),
-            "model_provider": PROVIDER,
-        }
-        return result
-
-    @staticmethod
-    def _finish_chunk(chunk: ChatGenerationChunk, logprobs: dict[str, Any] | None = None) -> ChatGenerationChunk:
-        # The last chunk alone carries response_metadata (see responses.py): the provider, the
-        # token usage that invoke's gets from llm_output, and the whole answer's logprobs, in
-        # ChatOpenAI's shape and place (the generation info, which LangChain copies into
-        # response_metadata), so that a stream aggregates to what invoke returns.
-        if getattr(chunk.message, "chunk_position", None) == "last":
-            usage = getattr(chunk.message, "usage_metadata", None)
-            chunk.message.response_metadata["token_usage"] = _token_usage(usage) if usage else None
-            chunk.message.response_metadata["model_provider"] = PROVIDER
-            if logprobs is not None:
-                chunk.generation_info = {**(chunk.generation_info or {}), "logprobs": logprobs}
-        return chunk
+        async with aclosing(self._backend.astream(self, messages, stop, kwargs)) as chunks:
+            async for chunk in chunks:
+                yield finish_chunk(chunk)
 
     def _combine_llm_outputs(self, llm_outputs: list[dict[str, Any] | None]) -> dict[str, Any]:
-        # As ChatOpenAI: a batch's llm_output sums the token usage.
-        total: dict[str, int] = {}
-        model_name = None
-        for output in llm_outputs:
-            if not output:
-                continue
-            model_name = model_name or output.get("model_name")
-            for key, value in (output.get("token_usage") or {}).items():
-                total[key] = total.get(key, 0) + value
-        return {"token_usage": total, "model_name": model_name or self.display_name(), "model_provider": PROVIDER}
-
-    def _plan(self, messages: list[BaseMessage], stop: list[str] | None,
-              kwargs: dict[str, Any]) -> tuple[CallPlan, RequestHandle]:
-        """The call's plan and its handle on the engine's scheduler (planning errors raise before queueing)."""
-        ticket = take_ticket(self)
-        if ticket is not None:  # this invoke is one input of `batch`: its request is already queued
-            assert ticket.handle is not None
-            return ticket.plan, ticket.handle
-        plan = plan_call(self, messages, stop, kwargs)
-        return plan, plan.loaded.scheduler.submit(plan.request)
-
-    async def _aplan(self, messages: list[BaseMessage], stop: list[str] | None,
-                     kwargs: dict[str, Any]) -> tuple[CallPlan, RequestHandle]:
-        """The async `_plan`: the handle delivers to this event loop."""
-        ticket = take_ticket(self)
-        if ticket is not None:
-            assert ticket.handle is not None
-            return ticket.plan, ticket.handle
-        # Planning reads and tiles images: off the event loop.
-        plan = await run_in_executor(None, plan_call, self, messages, stop, kwargs)
-        return plan, plan.loaded.scheduler.submit(plan.request, loop=asyncio.get_running_loop())
+        return combine_llm_outputs(llm_outputs, self.display_name())
 
     # --- batching: all requests queued at once, each input still a full LangChain call -------
 
@@ -483,44 +358,23 @@ class ChatNVLM(BaseChatModel):
 
         Remote: concurrent requests (up to the config's max_concurrency), which the server batches.
         """
-        if self.base_url is not None or len(inputs) < 2 or self._cached():
+        if not self._backend.submits_batches or len(inputs) < 2 or self._cached():
             return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
-        configs = get_config_list(config, len(inputs))
-        stop = kwargs.pop("stop", None)
-        plans = self._plan_all(inputs, stop, kwargs)
-        with get_executor_for_config(configs[0]) as executor:
-            return run_batch(self, plans, lambda i: self.invoke(inputs[i], configs[i], stop=stop, **kwargs),
-                             executor, return_exceptions)
+        return self._backend.batch(self, inputs, get_config_list(config, len(inputs)), return_exceptions, kwargs)
 
     async def abatch(self, inputs: list[LanguageModelInput],
                      config: RunnableConfig | list[RunnableConfig] | None = None, *, return_exceptions: bool = False,
                      **kwargs: Any) -> list[AIMessage | Exception]:
         """The async `batch`: all requests submitted at once, inputs awaited as tasks (remote: concurrent requests)."""
-        if self.base_url is not None or len(inputs) < 2 or self._cached():
+        if not self._backend.submits_batches or len(inputs) < 2 or self._cached():
             return await super().abatch(inputs, config, return_exceptions=return_exceptions, **kwargs)
-        configs = get_config_list(config, len(inputs))
-        stop = kwargs.pop("stop", None)
-        plans = await run_in_executor(None, self._plan_all, inputs, stop, kwargs)
-
-        async def ainvoke(i: int) -> AIMessage:
-            return await self.ainvoke(inputs[i], configs[i], stop=stop, **kwargs)
-
-        return await arun_batch(self, plans, ainvoke, configs[0].get("max_concurrency"), return_exceptions)
+        return await self._backend.abatch(self, inputs, get_config_list(config, len(inputs)), return_exceptions,
+                                          kwargs)
 
     def _cached(self) -> bool:
         # With an LLM cache, inputs may be answered without the model: no batch is started for
         # them ahead of their calls (each call then runs, or hits the cache, on its own).
         return self.cache is not False and (self.cache is not None or get_llm_cache() is not None)
-
-    def _plan_all(self, inputs: Sequence[LanguageModelInput], stop: list[str] | None,
-                  kwargs: dict[str, Any]) -> list[CallPlan | Exception]:
-        plans: list[CallPlan | Exception] = []
-        for value in inputs:
-            try:
-                plans.append(plan_call(self, self._convert_input(value).to_messages(), stop, kwargs))
-            except Exception as e:  # noqa: BLE001 - kept for that input: its invoke raises it, with callbacks
-                plans.append(e)
-        return plans
 
     # --- tools and structured output -----------------------------------------------------
 
@@ -578,44 +432,13 @@ class ChatNVLM(BaseChatModel):
         a token, 85 per image), good for trimming histories, not for exact budgets; the server's
         count comes back in each answer's `usage_metadata`.
         """
-        if self.base_url is not None:
-            return count_tokens_approximately(messages, tools=[convert_to_openai_tool(t) for t in tools or ()] or None)
-        kwargs = {"tools": [convert_to_openai_tool(t) for t in tools]} if tools else {}
-        call = compose_call(self, messages, kwargs)
-        return call.engine.count_tokens(call.messages, max_tiles=call.max_tiles)
+        return self._backend.count_message_tokens(self, messages, tools)
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of `text` (remote: only with `custom_get_token_ids`, as there is no tokenizer here)."""
-        if self.base_url is not None:
-            if self.custom_get_token_ids is not None:
-                return self.custom_get_token_ids(text)
-            self._require_local("get_token_ids (the tokenizer)")
-        return list(self.engine.tokenizer.encode(text, add_special_tokens=False))
+        return self._backend.token_ids(self, text)
 
     def get_num_tokens(self, text: str) -> int:
         """Tokens in `text` (remote without `custom_get_token_ids`: 4 characters a token, an estimate)."""
-        if self.base_url is not None and self.custom_get_token_ids is None:
-            return math.ceil(len(text) / 4)
-        return super().get_num_tokens(text)
-
-
-PROVIDER = "nvlm"
-"""`response_metadata["model_provider"]`, `llm_output["model_provider"]` and LangSmith's `ls_provider`."""
-
-
-def _logprobs(engine: NVLMEngine, result: GenerationResult) -> dict[str, Any] | None:
-    """The answer's logprobs in ChatOpenAI's shape, when the request asked for them."""
-    if getattr(result, "logprobs", None) is None:
-        return None
-    return openai_logprobs(engine.tokenizer, result.logprobs)
-
-
-def _token_usage(usage: Any) -> dict[str, int]:
-    """LangChain's usage metadata in OpenAI's `usage` names (`llm_output["token_usage"]`)."""
-    return {"prompt_tokens": usage["input_tokens"], "completion_tokens": usage["output_tokens"],
-            "total_tokens": usage["total_tokens"]}
-
-
-# Fields that only one mode reads: setting one in the other mode warns.
-_REMOTE_ONLY = frozenset({"api_key", "timeout", "max_retries"})
-_LOCAL_ONLY = frozenset({"device_map", "dtype", "max_memory", "dialect", "max_tiles"})
+        count = self._backend.num_tokens(self, text)
+        return super().get_num_tokens(text) if count is None else count

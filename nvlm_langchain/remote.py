@@ -1,7 +1,7 @@
 """`ChatNVLM`'s remote backend: NVLM-D behind an OpenAI-compatible endpoint (nvlm-serve, or vLLM).
 
 `ChatNVLM(base_url=...)` routes every call here instead of to a local engine. A call becomes
-one `chat.completions.create` request made with the official `openai` client (sync or async;
+one streaming `chat.completions.create` request (`invoke` aggregates the stream) made with the official `openai` client (sync or async;
 the optional `remote` extra, imported on the first remote call), and its answer becomes the
 messages the local model gives: text, usage, finish reason, tool calls, and streamed chunks
 with usage on the last one (`remote_responses.py`).
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from langchain_core.messages import BaseMessage
-from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.outputs import ChatGenerationChunk
 from langchain_core.runnables.config import run_in_executor
 
 from nvlm_engine import NVLMError
@@ -42,7 +42,7 @@ from nvlm_engine.prompts import DEFAULT_SYSTEM_PROMPT
 
 from .call_plan import call_options
 from .remote_messages import to_openai_messages
-from .remote_responses import CompletionStream, chat_result
+from .remote_responses import CompletionStream
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI, OpenAI
@@ -55,10 +55,8 @@ __all__ = [
     "RemoteRequest",
     "ServerConnectionError",
     "ServerError",
-    "agenerate",
     "astream",
     "build_request",
-    "generate",
     "stream",
 ]
 
@@ -169,17 +167,6 @@ def _response_format(value: Any, answer: ResponseFormat) -> dict[str, Any]:
 # --- calls ---------------------------------------------------------------------------------
 
 
-def generate(chat: ChatNVLM, messages: Sequence[BaseMessage], stop: list[str] | None,
-             kwargs: Mapping[str, Any]) -> ChatResult:
-    request = build_request(chat, messages, stop, kwargs)
-    openai = _openai()
-    try:
-        completion = _client(chat).chat.completions.create(**request.params)
-    except openai.OpenAIError as e:
-        raise _translate(e, chat) from e
-    return chat_result(completion, request.model_name, parse_tools=request.parse_tools)
-
-
 def stream(chat: ChatNVLM, messages: Sequence[BaseMessage], stop: list[str] | None,
            kwargs: Mapping[str, Any]) -> Iterator[ChatGenerationChunk]:
     request = build_request(chat, messages, stop, kwargs)
@@ -199,18 +186,6 @@ def stream(chat: ChatNVLM, messages: Sequence[BaseMessage], stop: list[str] | No
     finally:
         chunks.close()
     yield response.last()
-
-
-async def agenerate(chat: ChatNVLM, messages: Sequence[BaseMessage], stop: list[str] | None,
-                    kwargs: Mapping[str, Any]) -> ChatResult:
-    # Building reads image files (and fetches URLs): off the event loop.
-    request = await run_in_executor(None, build_request, chat, messages, stop, kwargs)
-    openai = _openai()
-    try:
-        completion = await _aclient(chat).chat.completions.create(**request.params)
-    except openai.OpenAIError as e:
-        raise _translate(e, chat) from e
-    return chat_result(completion, request.model_name, parse_tools=request.parse_tools)
 
 
 async def astream(chat: ChatNVLM, messages: Sequence[BaseMessage], stop: list[str] | None,

@@ -8,7 +8,8 @@ Tool calls arrive one of two ways, and users get `tool_calls` either way:
 - as text, `<tool_call>` blocks in the content (vLLM without a tool parser): when tools were
   sent, the content goes through the engine chat layer's `EventReader`, whole or delta by delta.
 
-Both become the `nvlm_engine.chat` events a local answer makes, and `responses.py` turns
+Logprobs (`choices[].logprobs`, when asked) go on the last chunk, `{"content": [...]}` as
+ChatOpenAI's. Both become the `nvlm_engine.chat` events a local answer makes, and `responses.py` turns
 those into LangChain messages and chunks, so local and remote answers share one translator.
 Knows the shapes of the `openai` client's response objects; knows nothing of requests.
 """
@@ -76,6 +77,7 @@ class CompletionStream:
         self._finish: str | None = None
         self._usage: Any = None
         self._named_calls = 0  # structured calls announced with a name
+        self._logprobs: list[dict[str, Any]] | None = None  # when the server sent choices[].logprobs
 
     def push(self, chunk: Any) -> ChatGenerationChunk | None:
         """The chunk for a server chunk, or None when it holds nothing to show (a role, usage, a finish)."""
@@ -86,6 +88,9 @@ class CompletionStream:
             return None
         choice = chunk.choices[0]
         self._finish = choice.finish_reason or self._finish
+        logprobs = getattr(choice, "logprobs", None)
+        if logprobs is not None:
+            self._logprobs = [*(self._logprobs or []), *(_plain(entry) for entry in logprobs.content or [])]
         events = self._reader.text(choice.delta.content or "") if choice.delta.content else []
         for raw in choice.delta.tool_calls or []:
             function = raw.function
@@ -106,7 +111,16 @@ class CompletionStream:
             reason = finish_reason(self._finish or "stop", self._named_calls)
         chunk = self._chunks.chunk([*events, Finished(reason, self._usage)])
         assert chunk is not None
+        if self._logprobs is not None:
+            # The whole answer's, where the local backend puts them and ChatOpenAI does: the
+            # generation info, which LangChain copies into response_metadata.
+            chunk.generation_info = {**(chunk.generation_info or {}), "logprobs": {"content": self._logprobs}}
         return chunk
+
+
+def _plain(entry: Any) -> dict[str, Any]:
+    """One `ChatCompletionTokenLogprob` as the plain dict ChatOpenAI puts in response_metadata."""
+    return entry.model_dump() if hasattr(entry, "model_dump") else dict(entry)
 
 
 def _structured_call(index: int, raw: Any) -> ToolCallDone:

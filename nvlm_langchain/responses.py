@@ -35,12 +35,17 @@ from nvlm_engine.chat import (
 )
 
 __all__ = [
+    "PROVIDER",
     "ChunkTranslator",
     "ResponseStream",
     "chat_result",
+    "combine_llm_outputs",
+    "finish_chunk",
+    "finish_result",
     "message_from_events",
     "message_from_result",
     "response_metadata",
+    "token_usage",
     "usage_metadata",
 ]
 
@@ -164,3 +169,53 @@ class ResponseStream:
         chunk = self._chunks.chunk([*self._reader.text(text), *self._reader.finish(result)])
         assert chunk is not None
         return chunk
+
+
+# --- what both backends' answers carry alike ---------------------------------------------------
+
+PROVIDER = "nvlm"
+"""`response_metadata["model_provider"]`, `llm_output["model_provider"]` and LangSmith's `ls_provider`."""
+
+
+def finish_chunk(chunk: ChatGenerationChunk) -> ChatGenerationChunk:
+    """Stamps the last chunk (the only one with response_metadata) with the provider and the
+    token usage that invoke's `llm_output` reports, so that a stream aggregates to an invoke."""
+    if getattr(chunk.message, "chunk_position", None) == "last":
+        usage = getattr(chunk.message, "usage_metadata", None)
+        chunk.message.response_metadata["token_usage"] = token_usage(usage) if usage else None
+        chunk.message.response_metadata["model_provider"] = PROVIDER
+    return chunk
+
+
+def finish_result(result: ChatResult, default_model_name: str) -> ChatResult:
+    """Adds the legacy `llm_output` (token usage and model name, as ChatOpenAI's, which
+    callbacks such as cost trackers read) and the provider to an aggregated stream."""
+    for generation in result.generations:
+        generation.message.response_metadata["model_provider"] = PROVIDER
+    message = result.generations[0].message
+    usage = getattr(message, "usage_metadata", None)
+    result.llm_output = {
+        "token_usage": token_usage(usage) if usage else None,
+        "model_name": message.response_metadata.get("model_name", default_model_name),
+        "model_provider": PROVIDER,
+    }
+    return result
+
+
+def combine_llm_outputs(llm_outputs: list[dict[str, Any] | None], default_model_name: str) -> dict[str, Any]:
+    """As ChatOpenAI's: a batch's `llm_output` sums the token usage."""
+    total: dict[str, int] = {}
+    model_name = None
+    for output in llm_outputs:
+        if not output:
+            continue
+        model_name = model_name or output.get("model_name")
+        for key, value in (output.get("token_usage") or {}).items():
+            total[key] = total.get(key, 0) + value
+    return {"token_usage": total, "model_name": model_name or default_model_name, "model_provider": PROVIDER}
+
+
+def token_usage(usage: Any) -> dict[str, int]:
+    """LangChain's usage metadata in OpenAI's `usage` names (`llm_output["token_usage"]`)."""
+    return {"prompt_tokens": usage["input_tokens"], "completion_tokens": usage["output_tokens"],
+            "total_tokens": usage["total_tokens"]}

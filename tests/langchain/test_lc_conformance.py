@@ -65,6 +65,31 @@ def test_max_tokens_zero_is_an_error(nvlm_path) -> None:
         ChatNVLM(model=nvlm_path, max_tokens=0)
 
 
+@pytest.mark.parametrize("option", ["max_tokens", "max_completion_tokens"])
+@pytest.mark.parametrize("value", [0, -1])
+def test_max_tokens_below_one_at_call_time_is_an_error(chat, option, value) -> None:
+    # As the field: 0 used to mean the model card's 1,024, silently.
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        chat.invoke("hi", **{option: value})
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        offline(max_retries=0).invoke("hi", **{option: value})  # refused before any request
+
+
+def test_chat_openai_aliases_at_call_time(chat) -> None:
+    from nvlm_langchain.remote import build_request
+
+    assert chat.invoke("Tell me a long story.", max_completion_tokens=3).usage_metadata["output_tokens"] <= 3
+    full = chat.invoke("Hello").content
+    stop = full[3:6]
+    stopped = chat.invoke("Hello", stop_sequences=[stop]).content
+    assert stopped == chat.invoke("Hello", stop=[stop]).content and len(stopped) < len(full)
+    params = build_request(offline(), [HumanMessage("hi")], None,
+                           {"max_completion_tokens": 5, "stop_sequences": "x"}).params
+    assert (params["max_tokens"], params["stop"]) == (5, ["x"])
+    with pytest.raises(ValueError, match="not both"):
+        chat.invoke("hi", max_tokens=3, max_completion_tokens=4)
+
+
 @pytest.mark.parametrize(("argument", "suggestion"), [
     ("tempreature", "temperature"), ("max_new_tokens", "max_tokens"), ("top_n", "top_p"),
 ])
@@ -262,11 +287,11 @@ def test_logprobs_land_in_response_metadata(chat) -> None:
 
 
 def test_penalties_reach_the_engine_and_the_server(chat) -> None:
+    from nvlm_langchain.call_plan import plan_call
     from nvlm_langchain.remote import build_request
 
     penalized = chat.model_copy(update={"presence_penalty": 0.5, "frequency_penalty": 1.5})
-    plan, handle = penalized._plan([HumanMessage("hi")], None, {})
-    handle.cancel()
+    plan = plan_call(penalized, [HumanMessage("hi")], None, {})
     assert (plan.request.options.presence_penalty, plan.request.options.frequency_penalty) == (0.5, 1.5)
     params = build_request(offline(presence_penalty=0.5), [HumanMessage("hi")], None, {}).params
     assert params.get("presence_penalty", params.get("extra_body", {}).get("presence_penalty")) == 0.5

@@ -123,6 +123,22 @@ def test_pdf_pages_equal_the_local_model(remote, chat) -> None:
     same_answer(remote.invoke(messages), chat.invoke(messages))  # a rendered page travels as a lossless PNG
 
 
+def test_logprobs_equal_the_local_model(remote, chat) -> None:
+    # nvlm-serve answers choices[].logprobs when asked; they land where the local model's do
+    # (and ChatOpenAI's): response_metadata["logprobs"] == {"content": [...]}.
+    asked = {"logprobs": True, "top_logprobs": 2, "max_tokens": 8}
+    local = chat.invoke("Hello", **asked).response_metadata["logprobs"]["content"]
+    answer = remote.invoke("Hello", **asked)
+    content = answer.response_metadata["logprobs"]["content"]
+    assert [e["token"] for e in content] == [e["token"] for e in local]
+    assert len(content) == answer.usage_metadata["output_tokens"]
+    assert [e["logprob"] for e in content] == pytest.approx([e["logprob"] for e in local], abs=1e-3)
+    assert [len(e["top_logprobs"]) for e in content] == [2] * len(content)
+    whole = sum(remote.stream("Hello", **asked), start=AIMessageChunk(""))
+    assert whole.response_metadata["logprobs"] == answer.response_metadata["logprobs"]
+    assert "logprobs" not in remote.invoke("Hello").response_metadata  # only when asked
+
+
 def test_stream_concatenates_to_invoke_with_usage_on_the_last_chunk(remote, chat) -> None:
     messages = [SystemMessage("Be brief."), HumanMessage("Name three colours.")]
     invoked = remote.invoke(messages)
