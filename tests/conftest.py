@@ -51,3 +51,28 @@ def connections(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(fetch, "_open_connection", watched)
     return seen
+
+
+@pytest.fixture(scope="module")
+def real_tokenizer():
+    """The real NVLM-D-72B tokenizer from ../shared (skipped where absent)."""
+    from nvlm_engine.tokenizer import load_tokenizer
+
+    return load_tokenizer(require_real_72b())
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    """The project's tiny BPE tokenizer (same special tokens and ids layout as the real one)."""
+    from nvlm_engine.testing import write_tiny_tokenizer
+    from nvlm_engine.tokenizer import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-tokenizer")
+    write_tiny_tokenizer(folder)
+    return load_tokenizer(folder)
+
+
+@pytest.fixture(scope="module", params=["real", "tiny"])
+def tokenizer(request: pytest.FixtureRequest):
+    """Each of the two tokenizers in turn."""
+    return request.getfixturevalue(f"{request.param}_tokenizer")

@@ -21,7 +21,6 @@ from nvlm_engine import (
 from nvlm_engine.generation import prefill
 from nvlm_engine.model import NVLMModel
 
-
 # --- config ------------------------------------------------------------------------------
 
 

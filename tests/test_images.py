@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
+from shared_paths import TESTDATA_IMAGES
 
 from nvlm_engine import images as images_module
 from nvlm_engine.errors import (
@@ -32,8 +33,6 @@ from nvlm_engine.errors import (
 from nvlm_engine.fetch import FetchPolicy
 from nvlm_engine.images import load_image, to_rgb
 from nvlm_engine.tiling import TiledImage, choose_grid, preprocess_image
-
-from shared_paths import TESTDATA_IMAGES
 
 LOOPBACK = FetchPolicy(allow_private_addresses=True)  # the test servers below listen on 127.0.0.1
 

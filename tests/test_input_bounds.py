@@ -21,17 +21,14 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
+from server.conftest import running_server
 
 from nvlm_engine.engine import MAX_CHARS_PER_TOKEN
 from nvlm_engine.errors import ContextLengthError, ImageAspectRatioError, ImageTooLargeError
 from nvlm_engine.images import MAX_ASPECT_RATIO, load_image
 from nvlm_engine.prompts import ImageSlot, PromptBuilder, PromptDialect, PromptMessage
-from nvlm_engine.testing import write_tiny_tokenizer
 from nvlm_engine.tiling import preprocess_image
-from nvlm_engine.tokenizer import load_tokenizer
 from nvlm_server import ServerImagePolicy, ServerSettings
-from server.conftest import running_server
-from shared_paths import REAL_72B
 
 MIB = 2**20
 GROWTH_LIMIT_MIB = 200
@@ -234,25 +231,6 @@ def test_server_refuses_the_64mp_strip_cheaply(roomy_server, strip_64mp) -> None
 
 
 # --- Low: typed control tokens stay text ----------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def real_tokenizer():
-    if not (REAL_72B / "vocab.json").is_file():
-        pytest.skip(f"the real NVLM-D-72B tokenizer files are not at {REAL_72B}")
-    return load_tokenizer(REAL_72B)
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory):
-    folder = tmp_path_factory.mktemp("tiny-tokenizer")
-    write_tiny_tokenizer(folder)
-    return load_tokenizer(folder)
-
-
-@pytest.fixture(scope="module", params=["real", "tiny"])
-def tokenizer(request: pytest.FixtureRequest):
-    return request.getfixturevalue(f"{request.param}_tokenizer")
 
 
 def _special_ids(tokenizer) -> dict[int, str]:

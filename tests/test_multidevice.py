@@ -27,6 +27,7 @@ from nvlm_engine.testing import build_tiny_checkpoint, tiny_config
 
 CPU = torch.device("cpu")
 from shared_paths import REAL_72B  # its tokenizer, where present
+
 _INDEXING = {torch.Tensor.__getitem__, torch.Tensor.__setitem__}
 
 

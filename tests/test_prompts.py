@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
+from shared_paths import REAL_72B
 
 from nvlm_engine.errors import CheckpointError, PromptError
 from nvlm_engine.prompts import (
@@ -23,7 +24,6 @@ from nvlm_engine.prompts import (
 from nvlm_engine.testing import write_tiny_tokenizer
 from nvlm_engine.tokenizer import load_tokenizer
 
-from shared_paths import REAL_72B
 SKIP_REAL = f"the real NVLM-D-72B tokenizer files are not at {REAL_72B} (they sit beside the project in CI)"
 
 PAD = "<|vision_pad|>"
@@ -63,25 +63,6 @@ def pad_runs(ids: list[int], pad_id: int) -> list[int]:
             else:
                 runs.append(1)
     return runs
-
-
-@pytest.fixture(scope="module")
-def real_tokenizer():
-    if not (REAL_72B / "vocab.json").is_file():
-        pytest.skip(SKIP_REAL)
-    return load_tokenizer(REAL_72B)
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory):
-    folder = tmp_path_factory.mktemp("tiny-tokenizer")
-    write_tiny_tokenizer(folder)
-    return load_tokenizer(folder)
-
-
-@pytest.fixture(scope="module", params=["real", "tiny"])
-def tokenizer(request: pytest.FixtureRequest):
-    return request.getfixturevalue(f"{request.param}_tokenizer")
 
 
 def encode(tokenizer, text: str) -> list[int]:

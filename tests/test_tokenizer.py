@@ -10,6 +10,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+from shared_paths import REAL_72B
 
 from nvlm_engine.errors import CheckpointError
 from nvlm_engine.testing import write_tiny_tokenizer
@@ -20,7 +21,6 @@ from nvlm_engine.tokenizer import (
     load_tokenizer,
 )
 
-from shared_paths import REAL_72B
 SKIP_REAL = f"the real NVLM-D-72B tokenizer files are not at {REAL_72B} (they sit beside the project in CI)"
 
 # Whitespace runs, digits, contractions, special tokens inside text, non-Latin scripts, emoji.

@@ -24,8 +24,15 @@ from nvlm_engine import ImageError, load_image
 from nvlm_engine.images import DEFAULT_MAX_PIXELS, ImageSource
 from nvlm_engine.images import read_source as read_image_source  # same limits, SSRF policy and messages
 
-from ..pdf import DEFAULT_DPI, DEFAULT_MAX_BYTES, DEFAULT_MAX_PAGE_PIXELS, DEFAULT_MAX_PAGES
-from ..pdf import PDFError, PDFPageLimitError, render_pdf
+from ..pdf import (
+    DEFAULT_DPI,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PAGE_PIXELS,
+    DEFAULT_MAX_PAGES,
+    PDFError,
+    PDFPageLimitError,
+    render_pdf,
+)
 from .errors import DocumentInputError
 from .file_policy import FilePolicy
 

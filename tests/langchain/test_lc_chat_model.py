@@ -21,8 +21,8 @@ from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import tool
 from lc_inputs import CHAT_PARAMS, b64, pdf_bytes, png_bytes, random_image
-from shared_paths import TOKEN_SCALE
 from pydantic import BaseModel, Field, TypeAdapter
+from shared_paths import TOKEN_SCALE
 from typing_extensions import TypedDict
 
 from nvlm_engine import CheckpointError
