@@ -25,10 +25,11 @@ import torch
 from .checkpoint import check_tensors, fill_model, find_weight_files, infer_dummy_heads, read_tensor_infos
 from .config import NVLMConfig
 from .devices import DeviceMapLike, device_for, resolve_placement
-from .errors import CheckpointError, ContextLengthError, PromptError
+from .errors import CheckpointError, ContextLengthError
 from .generation import Delta, GenerationResult, PreparedRequest, TokenIds, decode_requests
 from .images import load_image
 from .model import NVLMModel
+from .prompt_messages import parse_chat_messages
 from .prompts import ImageSlot, PromptBuilder, PromptDialect, PromptMessage
 from .quantization import QuantizationScheme, QuantizingLoader, check_runtime, get_scheme
 from .sampling import DEFAULT_MAX_NEW_TOKENS, TokenConstraint, make_options
@@ -330,7 +331,7 @@ class NVLMEngine:
             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
             logprobs=logprobs, top_logprobs=top_logprobs,
         )
-        turns, sources = self._parse(messages)
+        turns, sources = parse_chat_messages(messages)
         # Text that cannot fit is refused before any image is read, and before it is tokenized
         # whole: the cost of the check grows with the context length, not with the text.
         self._check_text_length([p for _, parts in turns for p in parts if p is not None], sampling.max_new_tokens)
@@ -396,42 +397,6 @@ class NVLMEngine:
     def count_tokens(self, messages: Sequence[Message], *, max_tiles: int | None = None) -> int:
         """Prompt tokens of a conversation, image tokens included (images are read and tiled)."""
         return len(self.prepare(messages, max_new_tokens=1, max_tiles=max_tiles).prompt_ids)
-
-    @staticmethod
-    def _parse(messages: Sequence[Message]) -> tuple[list[tuple[str, list[str | None]]], list[Any]]:
-        """Messages -> (role, parts with None where an image goes) and the image sources in order."""
-        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-            raise PromptError("messages must be a list of {'role': ..., 'content': ...} dicts.")
-        turns: list[tuple[str, list[str | None]]] = []
-        sources: list[Any] = []
-        for number, message in enumerate(messages):
-            if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
-                raise PromptError(f"message {number} must be a dict with 'role' and 'content', got {message!r:.80}.")
-            content = message["content"]
-            parts: list[str | None] = []
-            if isinstance(content, str):
-                parts.append(content)
-            elif isinstance(content, Sequence):
-                for part in content:
-                    kind = part.get("type") if isinstance(part, Mapping) else None
-                    if kind == "text" and isinstance(part.get("text"), str):
-                        parts.append(part["text"])
-                    elif kind == "image" and part.get("image") is not None:
-                        parts.append(None)
-                        sources.append(part["image"])
-                    elif kind == "image_url" and isinstance(part.get("image_url"), (Mapping, str)):
-                        url = part["image_url"]
-                        parts.append(None)
-                        sources.append(url.get("url") if isinstance(url, Mapping) else url)
-                    else:
-                        raise PromptError(
-                            f"message {number} has an unsupported content part {part!r:.80}; use "
-                            "{'type': 'text', 'text': ...} or {'type': 'image', 'image': <source>}."
-                        )
-            else:
-                raise PromptError(f"message {number} content must be a string or a list of parts.")
-            turns.append((str(message["role"]), parts))
-        return turns, sources
 
 
 def _layer_devices(config: NVLMConfig, devices: Mapping[str, torch.device]) -> set[torch.device]:

@@ -7,14 +7,22 @@ accepts, nothing of tokenizers or layouts (those are `prompts.py`).
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from nvlm_engine.errors import PromptError
 from nvlm_engine.tokenizer import VISION_PAD
 
-__all__ = ["ImageSlot", "Prompt", "PromptDialect", "PromptMessage", "check_text", "validate_conversation"]
+__all__ = [
+    "ImageSlot",
+    "Prompt",
+    "PromptDialect",
+    "PromptMessage",
+    "check_text",
+    "parse_chat_messages",
+    "validate_conversation",
+]
 
 _ROLES = ("system", "user", "assistant")
 
@@ -122,3 +130,40 @@ def check_text(text: str, where: str) -> None:
     # after it; the reference would accept it and fail (or misalign) in the embedding merge.
     if VISION_PAD in text:
         raise PromptError(f"{where} contains {VISION_PAD!r}, which is reserved for image features; remove it")
+
+
+def parse_chat_messages(messages: Sequence[Mapping[str, Any]]) -> tuple[list[tuple[str, list[str | None]]], list[Any]]:
+    """Engine messages (`{"role", "content": str | parts}`) -> (role, parts with None where an image
+    goes) per turn, and the image sources in order; a malformed message is a `PromptError`."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise PromptError("messages must be a list of {'role': ..., 'content': ...} dicts.")
+    turns: list[tuple[str, list[str | None]]] = []
+    sources: list[Any] = []
+    for number, message in enumerate(messages):
+        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+            raise PromptError(f"message {number} must be a dict with 'role' and 'content', got {message!r:.80}.")
+        content = message["content"]
+        parts: list[str | None] = []
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, Sequence):
+            for part in content:
+                kind = part.get("type") if isinstance(part, Mapping) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    parts.append(part["text"])
+                elif kind == "image" and part.get("image") is not None:
+                    parts.append(None)
+                    sources.append(part["image"])
+                elif kind == "image_url" and isinstance(part.get("image_url"), (Mapping, str)):
+                    url = part["image_url"]
+                    parts.append(None)
+                    sources.append(url.get("url") if isinstance(url, Mapping) else url)
+                else:
+                    raise PromptError(
+                        f"message {number} has an unsupported content part {part!r:.80}; use "
+                        "{'type': 'text', 'text': ...} or {'type': 'image', 'image': <source>}."
+                    )
+        else:
+            raise PromptError(f"message {number} content must be a string or a list of parts.")
+        turns.append((str(message["role"]), parts))
+    return turns, sources
