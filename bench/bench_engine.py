@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from card_baseline import CardPipeline  # noqa: E402
 
 from nvlm_engine import NVLMEngine  # noqa: E402
-from nvlm_engine.config import VisionConfig  # noqa: E402
 from nvlm_engine.testing import build_tiny_checkpoint, tiny_config  # noqa: E402
 
 SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "nvlm-d-72b"
