@@ -126,7 +126,8 @@ def test_interactive_session_in_a_pty(tiny_checkpoint: Path, image_file: Path, t
     child = pexpect.spawn(command[0], long, encoding="utf-8", timeout=120, dimensions=(40, 200))
     child.expect(">>> ")
     child.sendline("Tell me everything.")
-    child.expect(r"\S")  # the answer has started
+    child.expect_exact("Tell me everything.\r\n")  # the terminal's echo of the line
+    child.expect(r"\S")  # the answer has started (a Ctrl-C before it would just cancel the line)
     child.sendintr()
     child.expect(r"\[stopped\]")
     child.expect(">>> ")
