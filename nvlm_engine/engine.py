@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,14 @@ import torch
 
 from .checkpoint import check_tensors, fill_model, find_weight_files, infer_dummy_heads, read_tensor_infos
 from .config import NVLMConfig
-from .devices import DeviceMapLike, device_for, resolve_placement
-from .errors import CheckpointError, ContextLengthError
-from .generation import Delta, GenerationResult, PreparedRequest, TokenIds, decode_requests
+from .devices import DeviceMapLike, Placement, device_for, resolve_placement
+from .errors import ContextLengthError
+from .cores import CorePool, DecodeSettings
+from .generation import DecodeCore, Delta, GenerationResult, PreparedRequest, TokenIds, decode_requests
+from .image_cache import image_key
+from .hub import display_name, resolve_checkpoint
 from .images import load_image
+from .load_progress import LoadProgress, check_progress, hub_progress, shard_progress
 from .model import NVLMModel
 from .prompt_messages import parse_chat_messages
 from .prompts import ImageSlot, PromptBuilder, PromptDialect, PromptMessage
@@ -116,6 +120,7 @@ class NVLMEngine:
         system_prompt: str | None = None,
         images: ImagePolicy | None = None,
         name: str = "nvlm-d",
+        decoding: DecodeSettings | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -131,6 +136,16 @@ class NVLMEngine:
         )
         special = SpecialTokens.from_tokenizer(tokenizer)
         self.token_ids = TokenIds(end=special.im_end, image=special.vision_pad, pad=special.endoftext)
+        self.decoding = decoding or DecodeSettings()
+        self.cores = CorePool(model, tokenizer, self.token_ids, context_length=context_length, settings=self.decoding)
+
+    def new_core(self, *, max_slots: int | None = None) -> DecodeCore:
+        """A decode core of its own for a long-lived owner (the scheduler's worker thread)."""
+        return self.cores.new_core(max_slots=max_slots)
+
+    def cache_stats(self) -> dict[str, int]:
+        """Prefix-cache and image-cache counters of every core of this engine (see `CorePool.stats`)."""
+        return self.cores.stats()
 
     # --- loading -------------------------------------------------------------------------
 
@@ -139,6 +154,8 @@ class NVLMEngine:
         cls,
         path: str | Path,
         *,
+        revision: str | None = None,
+        download: bool = False,
         device_map: DeviceMapLike | None = "auto",
         dtype: str | torch.dtype | None = None,
         max_memory: Mapping[str | int, int | str] | None = None,
@@ -150,9 +167,10 @@ class NVLMEngine:
         max_tiles: int | None = None,
         allow_url_fetch: bool = False,
         allow_pickle: bool = False,
-        progress: ProgressCallback | None = None,
+        progress: LoadProgress = None,
+        decoding: DecodeSettings | None = None,
     ) -> NVLMEngine:
-        """Load a checkpoint folder in the published NVLM-D layout.
+        """Load a checkpoint in the published NVLM-D layout: a folder, or a Hugging Face repo id.
 
         Nothing from the folder is executed: `*.py` files and `auto_map` are ignored, and
         pickled weights are refused unless `allow_pickle=True`. Where each module goes is
@@ -160,11 +178,20 @@ class NVLMEngine:
         fails at once with a `PlanError` that says what would fit.
 
         Args:
-            path: the checkpoint folder (config.json, safetensors shards + index, tokenizer files).
+            path: the checkpoint folder (config.json, safetensors shards + index, tokenizer files),
+                or a Hugging Face repo id ("nvidia/NVLM-D-72B") found in the Hugging Face cache
+                (`HF_HOME` / `HF_HUB_CACHE`; see `nvlm_engine.hub`). An existing folder wins.
+            revision: with a repo id, the branch, tag or commit to use (default "main").
+            download: with a repo id missing from the cache, download it (only the safetensors,
+                JSON configs and tokenizer files: never code or pickles; resumable). Off, a
+                missing id fails with the `hf download` command to run. Refused while
+                HF_HUB_OFFLINE is set.
             device_map: "auto" (every visible GPU, placed by free memory; the CPU without GPUs),
-                a device ("cpu", "cuda:1"), a list of devices (placed by the planner in that
-                order; a "cpu" entry offloads the layers the GPUs cannot hold, slowly), or an
-                explicit {module prefix: device} map (the model card's `split_model()` works).
+                "card" (every visible GPU, split exactly as the model card's `split_model()`:
+                GPU 0 counted as half a GPU, the last layer with the LM head on GPU 0), a device
+                ("cpu", "cuda:1"), a list of devices (placed by the planner in that order; a
+                "cpu" entry offloads the layers the GPUs cannot hold, slowly), or an explicit
+                {module prefix: device} map (the model card's `split_model()` output works).
             dtype: compute dtype; None/"auto" is bfloat16 on GPU and float32 on CPU.
             max_memory: per-device budgets ({0: "70GiB", 1: "80GiB"}) instead of the free memory;
                 with "auto", only the GPUs listed are used, and a "cpu" entry allows offload.
@@ -183,10 +210,20 @@ class NVLMEngine:
             max_tiles: tiles per image (1..12); default the checkpoint's `max_dynamic_patch`.
             allow_url_fetch: allow http(s) image URLs in messages.
             allow_pickle: allow pickled `.bin` weights (unsafe: unpickling can execute code).
-            progress: called as `progress(shard_path, shard_number, shard_count)` after each shard.
+            progress: loading progress (`nvlm_engine.load_progress`): None, the default, draws a
+                tqdm bar (bytes and shards; a widget in notebooks) when stderr is a terminal and
+                nothing otherwise; True always a bar; False nothing; "log" one INFO log line per
+                shard; a callable is called as `progress(shard_path, shard_number, shard_count)`
+                after each shard. A download shows huggingface_hub's bars unless False or "log".
+            decoding: prefix and image caching, prefill chunk size, KV cache bounds, compiled
+                decode steps (`DecodeSettings`); the KV cache is bounded by the memory the
+                placement plan leaves unless `decoding.kv_tokens` is set.
 
         Raises:
-            CheckpointError: a missing, incomplete or mismatched checkpoint. DeviceMapError: a
+            CheckpointError: a missing, incomplete or mismatched checkpoint (CheckpointNotFoundError:
+            not a folder and not in the Hugging Face cache; HubOfflineError / HubDownloadError: a
+            download refused offline, or failed). LoadOptionsError: a `progress` of the wrong kind.
+            DeviceMapError: a
             device or map that cannot be used. PlanError: the model does not fit as asked.
             QuantizationError: a quantization this machine cannot run.
         """
@@ -194,16 +231,13 @@ class NVLMEngine:
         scheme = get_scheme(quantization)
         if scheme is not None:
             check_runtime(scheme, [])  # CUDA (and bitsandbytes) present at all
-        folder = Path(path).expanduser()
-        if not folder.is_dir():
-            raise CheckpointError(
-                f"Checkpoint folder {folder} does not exist. Download NVLM-D (e.g. "
-                "`huggingface-cli download nvidia/NVLM-D-72B --local-dir PATH`) and pass that PATH."
-            )
+        check_progress(progress)
+        folder = resolve_checkpoint(path, revision=revision, download=download, progress=hub_progress(progress))
         started = time.perf_counter()
         # 2. Config, tokenizer, tensor headers; the model on `meta`, checked against the headers.
         config = NVLMConfig.from_folder(folder)
-        infos = read_tensor_infos(find_weight_files(folder, allow_pickle=allow_pickle), allow_pickle=allow_pickle)
+        weight_files = find_weight_files(folder, allow_pickle=allow_pickle)
+        infos = read_tensor_infos(weight_files, allow_pickle=allow_pickle)
         config = infer_dummy_heads(config, infos)  # also checks config.json's sizes against the headers
         # After the sizes are checked: the tokenizer may not have more tokens than embedding rows.
         tokenizer = load_tokenizer(folder, max_tokens=config.llm.vocab_size)
@@ -232,8 +266,10 @@ class NVLMEngine:
         # decode batches (measured 1.2x at batch 1, 1.7x at batch 8 with a 152k vocabulary).
         column_major = frozenset({head}) if device_for(head, devices).type == "cpu" else frozenset()
         loader = QuantizingLoader(model, scheme, lambda n: device_for(n, devices), compute_dtype) if scheme else None
-        fill_model(model, infos, device_of=loader.device_of if loader else (lambda name: device_for(name, devices)),
-                   dtype=compute_dtype, column_major=column_major, progress=_with_quantization(progress, loader))
+        name = display_name(path, folder)
+        with shard_progress(progress, weight_files, title=name) as report:
+            fill_model(model, infos, device_of=loader.device_of if loader else (lambda n: device_for(n, devices)),
+                       dtype=compute_dtype, column_major=column_major, progress=_with_quantization(report, loader))
         if loader is not None:
             loader.finish()
         _rebuild_rotary(model, device_for("language_model.model.rotary_emb", devices))
@@ -245,8 +281,11 @@ class NVLMEngine:
             max_tiles=max_tiles or config.max_dynamic_patch,
             allow_url_fetch=allow_url_fetch,
         )
+        decoding = decoding or DecodeSettings()
+        if decoding.kv_tokens is None:
+            decoding = replace(decoding, kv_tokens=_kv_token_budget(placement, context_length, batch_size))
         return cls(model, tokenizer, context_length=context_length, dialect=dialect,
-                   system_prompt=system_prompt, images=images, name=folder.name)
+                   system_prompt=system_prompt, images=images, name=name, decoding=decoding)
 
     # --- requests ------------------------------------------------------------------------
 
@@ -257,7 +296,7 @@ class NVLMEngine:
     def stream(self, messages: Sequence[Message], **options: Any) -> GenerationStream:
         """Answer one conversation as an iterator of text deltas (see `GenerationStream`)."""
         request = self.prepare(messages, **options)
-        return GenerationStream(decode_requests(self.model, [request], self.tokenizer, self.token_ids), request)
+        return GenerationStream(self._decode([request]), request)
 
     def generate_batch(self, conversations: Sequence[Sequence[Message]], **options: Any) -> list[GenerationResult]:
         """Answer several conversations together in one batch; results in input order.
@@ -271,7 +310,7 @@ class NVLMEngine:
     def run(self, requests: Sequence[PreparedRequest]) -> list[GenerationResult]:
         """Decode prepared requests as one batch; results in input order."""
         results: list[GenerationResult | None] = [None] * len(requests)
-        for delta in decode_requests(self.model, list(requests), self.tokenizer, self.token_ids):
+        for delta in self._decode(list(requests)):
             if delta.result is not None:
                 results[delta.index] = delta.result
         assert all(r is not None for r in results)
@@ -279,7 +318,12 @@ class NVLMEngine:
 
     def stream_batch(self, requests: Sequence[PreparedRequest]) -> Iterator[Delta]:
         """Decode prepared requests as one batch, yielding every request's deltas as they come."""
-        return decode_requests(self.model, list(requests), self.tokenizer, self.token_ids)
+        return self._decode(list(requests))
+
+    def _decode(self, requests: list[PreparedRequest]) -> Iterator[Delta]:
+        """`decode_requests` on a core borrowed for this call (its cached prefixes stay for the next)."""
+        with self.cores.borrow() as core:
+            yield from decode_requests(core, requests)
 
     def prepare(
         self,
@@ -360,6 +404,8 @@ class NVLMEngine:
             )
         pixel_values = torch.cat([t.pixel_values for t in tiled]) if tiled else None
         return PreparedRequest(
+            image_tiles=tuple(t.num_tiles for t in tiled),
+            image_keys=tuple(image_key(t.pixel_values) for t in tiled),
             prompt_ids=prompt.token_ids,
             pixel_values=pixel_values,
             options=sampling,
@@ -402,6 +448,20 @@ class NVLMEngine:
 def _layer_devices(config: NVLMConfig, devices: Mapping[str, torch.device]) -> set[torch.device]:
     """The devices holding decoder layers (where quantized linears would run)."""
     return {device_for(f"language_model.model.layers.{i}", devices) for i in range(config.llm.num_hidden_layers)}
+
+
+def _kv_token_budget(placement: Placement, context_length: int, batch_size: int) -> int | None:
+    """KV cache tokens (all sequences) the devices can hold: the plan's KV room on its tightest device.
+
+    Without a plan, GPUs reserve what was asked (`batch_size` sequences of `context_length`)
+    and the CPU is not bounded here (its memory is the operating system's business).
+    """
+    if placement.plan is not None:
+        rooms = [d.kv_room_bytes // d.kv_bytes_per_token for d in placement.plan.devices if d.kv_bytes_per_token]
+        return max(min(rooms), context_length) if rooms else None
+    if any(d.type == "cuda" for d in placement.device_map.values()):
+        return context_length * max(batch_size, 1)
+    return None
 
 
 def _with_quantization(progress: ProgressCallback | None, loader: QuantizingLoader | None) -> ProgressCallback | None:

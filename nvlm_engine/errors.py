@@ -130,3 +130,25 @@ class ImageAspectRatioError(ImageTooLargeError):
     A subclass of `ImageTooLargeError` because the harm is the same: decoding and resizing
     cost memory per row, so a strip within the pixel limit can still need gigabytes.
     """
+
+
+# --- checkpoints named by a Hugging Face id (`nvlm_engine.hub`) ---------------------------
+
+
+class CheckpointNotFoundError(CheckpointError):
+    """No checkpoint by that name: not a folder, and not (completely) in the Hugging Face cache.
+
+    The message names the exact `hf download ...` command that fetches it, or `download=True`.
+    """
+
+
+class HubDownloadError(CheckpointError):
+    """A download from the Hugging Face Hub failed: unknown repository or revision, gated, unreachable."""
+
+
+class HubOfflineError(HubDownloadError):
+    """A download was asked for (`download=True`, `--download`) while HF_HUB_OFFLINE is set."""
+
+
+class LoadOptionsError(NVLMError, ValueError):
+    """An argument of `NVLMEngine.from_pretrained` has a value it cannot use (a `progress` of the wrong kind...)."""

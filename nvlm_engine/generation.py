@@ -1,17 +1,24 @@
-"""Generation, top to bottom: prefill -> decode one token -> decode until done.
+"""Generation, top to bottom: admit -> prefill in chunks -> sample -> decode one token -> repeat.
 
-`decode_requests()` is the one loop: it takes prepared requests (prompt ids, tiles, options),
-prefills them together as one left-padded batch, then decodes one token per live request per
-step, handing out text deltas as they become safe to show. Finished requests leave the batch
-(their KV rows are dropped), so a long answer never waits on short ones and short ones never
-pay for long ones. Greedy outputs of a batch equal the one-by-one outputs.
+`DecodeCore` owns the decoding state of one engine (or one scheduler): the KV cache slots
+(`kv_cache.py`), the device-side sampler (`batch_sampling.py`), the prefix index
+(`prefix_cache.py`) and the shared image-embedding cache (`image_cache.py`). Every `step()`:
 
-A failure that belongs to one request (seeding its generator, choosing its token, a prefill
-that fails only with it in the group) ends that request alone with a `RequestFailedError`;
-the rest of the batch goes on token for token as if it had never been there.
+1. prefills up to `chunk_tokens` prompt tokens of the requests waiting for it (a long image
+   prompt takes several steps, so running streams never stall for a whole prefill);
+2. samples one token for every row that has logits (rows that just finished their prefill and
+   the running rows), with one host transfer for the whole batch;
+3. hands out text deltas, ends the rows that are done (their slot stays cached for a later
+   request with the same prefix), and runs one decoder step for the rest.
 
-Requests that ask for `logprobs` get each generated token's log-probability under the raw
-logits (`TokenLogprob`), computed for all of them at once per step.
+A request whose prompt starts with content a slot already holds (the same conversation's
+previous turn, the same document page) reuses that KV: it takes the idle slot over, or copies
+the prefix from a running one, and prefills only the rest. Images whose embeddings are cached
+skip the vision tower. A hit produces exactly the tokens a miss produces (the cached keys are
+the ones the miss would compute, up to float rounding of a different chunking).
+
+A failure that belongs to one request (seeding, choosing its token, its prefill) ends that
+request alone with a `RequestFailedError`; the rest go on token for token.
 
 Knows the model's forward functions and a tokenizer's `decode`; knows nothing of images on
 disk, prompt formats or public API shapes.
@@ -20,12 +27,16 @@ disk, prompt formats or public API shapes.
 from __future__ import annotations
 
 import logging
-import time
+from collections import deque
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
-from .errors import NVLMError, RequestFailedError
+from .batch_sampling import BatchSampler
+from .decode_rows import Row, failed_delta, record_token
+from .decoder import decode_step, prefill_chunk
+from .errors import RequestFailedError
 from .generation_records import (  # noqa: F401 (re-exported: the public names of generation)
     Delta,
     GenerationResult,
@@ -34,236 +45,353 @@ from .generation_records import (  # noqa: F401 (re-exported: the public names o
     TokenLogprob,
     Usage,
 )
-from .model import LLMStep, NVLMModel, build_attention_mask
-from .sampling import (
-    apply_constraint,
-    apply_presence_frequency_penalty,
-    apply_repetition_penalty,
-    sample_token,
-)
-from .textstream import Decoder, TextStream
+from .image_cache import ImageEmbeddingCache, image_key
+from .kv_cache import KVCache, KVCacheFullError
+from .model import NVLMModel
+from .prefix_cache import PrefixIndex, content_keys
+from .textstream import Decoder
 
 logger = logging.getLogger(__name__)
 
-
-class _Row:
-    """Decoding state of one live request."""
-
-    def __init__(self, index: int, request: PreparedRequest, decoder: Decoder, device: torch.device) -> None:
-        self.index = index
-        self.request = request
-        self.options = request.options
-        self.generator = request.options.generator(device)
-        self.stream = TextStream(decoder, request.options.stop)
-        self.generated: list[int] = []
-        self.logprobs: list[TokenLogprob] = []  # one per generated token, when asked
-        self.unsent = 0  # logprobs not yet handed out in a delta
-        # Per-vocabulary state of the penalties, on the logits' device, updated in place per
-        # token; made at the first step, when the vocabulary width is known.
-        self.seen: torch.Tensor | None = None  # bool [V]: prompt and generated ids (repetition)
-        self.counts: torch.Tensor | None = None  # fp32 [V]: generated ids (presence, frequency)
-        self.first_token_at: float | None = None
-        self.finish_reason: str | None = None
-
-    def take_logprobs(self) -> tuple[TokenLogprob, ...]:
-        """The logprobs recorded since the last call (the next delta's)."""
-        if not self.unsent:
-            return ()
-        taken = tuple(self.logprobs[-self.unsent :])
-        self.unsent = 0
-        return taken
-
-    def result(self) -> GenerationResult:
-        now = time.perf_counter()
-        request = self.request
-        return GenerationResult(
-            text=self.stream.text,
-            finish_reason=self.finish_reason or "stop",
-            usage=Usage(len(request.prompt_ids), len(self.generated), request.image_tokens),
-            token_ids=list(self.generated),
-            logprobs=list(self.logprobs) if self.options.logprobs else None,
-            timings={
-                "preprocess": request.preprocess_s,
-                "first_token": (self.first_token_at or now) - request.started,
-                "total": now - request.started,
-            },
-        )
+DEFAULT_CHUNK_TOKENS = 512  # prompt tokens prefilled per step (one image tile is 256)
 
 
-@torch.inference_mode()
-def prefill(model: NVLMModel, requests: list[PreparedRequest], ids: TokenIds) -> tuple[torch.Tensor, LLMStep, torch.Tensor]:
-    """Encode images, splice them into the left-padded prompts and run the decoder once.
+class DecodeCore:
+    """The decoding state of one stream of requests; not thread-safe (one owner thread).
 
-    Returns the last-position logits [B, V], the step state (cache) and the validity mask [B, K].
-    """
-    tiles = [r.pixel_values for r in requests if r.pixel_values is not None]
-    image_tokens = model.encode_images(torch.cat(tiles)) if tiles else None  # [sum tiles * 256, hidden]
-    longest = max(len(r.prompt_ids) for r in requests)
-    input_ids = torch.full((len(requests), longest), ids.pad, dtype=torch.long)
-    valid = torch.zeros((len(requests), longest), dtype=torch.bool)
-    for row, request in enumerate(requests):
-        n = len(request.prompt_ids)
-        input_ids[row, longest - n :] = torch.tensor(request.prompt_ids, dtype=torch.long)
-        valid[row, longest - n :] = True
-    embeds = model.embed(input_ids, image_tokens, ids.image)  # [B, S, hidden]
-    device = embeds.device
-    valid = valid.to(device)
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # pads share position 0, unattended
-    from transformers import DynamicCache
-
-    step = LLMStep(positions, build_attention_mask(valid, longest), DynamicCache())
-    return model.forward_llm(embeds, step), step, valid
-
-
-@torch.inference_mode()
-def decode_one(model: NVLMModel, tokens: torch.Tensor, step: LLMStep, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Feed one token per row [B] and return the next logits [B, V] and the grown validity mask."""
-    valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
-    step.position_ids = step.position_ids[:, -1:] + 1
-    step.attention_mask = build_attention_mask(valid, 1)
-    embeds = model.embed(tokens[:, None], None, -1)
-    return model.forward_llm(embeds, step), valid
-
-
-class DecodeBatch:
-    """Requests being decoded together: their rows, KV cache, validity mask and next logits.
-
-    `start()` prefills a group of requests; `advance()` picks one token per row, hands out the
-    deltas, drops finished rows and runs the next decoder step; `merge()` joins a freshly
-    prefilled batch to a running one (continuous batching: newcomers do not wait for the
-    running requests to finish). Rows carry the caller's `index` so deltas can be routed.
+    Args:
+        model, decoder, ids: the loaded model, a tokenizer's `decode`, its special token ids.
+        context_length: tokens per sequence at most.
+        kv_tokens: KV cache tokens at most over all slots (the placement plan's room), None: no bound.
+        max_slots: sequences held at most (running and cached).
+        chunk_tokens: prompt tokens prefilled per step.
+        prefix_caching: keep finished sequences' KV for later requests with the same prefix.
+        image_cache: shared cache of image embeddings (None: no image caching).
+        compile: run the decode step through `torch.compile(fullgraph=True)` (CUDA graphs on CUDA)
+            with rows and window in power-of-two buckets; eager is the default and the reference.
     """
 
-    def __init__(self, model: NVLMModel, rows: list[_Row], ids: TokenIds) -> None:
-        self.model = model
-        self.rows = rows
-        self.ids = ids
-        self.logits: torch.Tensor | None = None
-        self.step: LLMStep | None = None
-        self.valid: torch.Tensor | None = None
+    def __init__(self, model: NVLMModel, decoder: Decoder, ids: TokenIds, *, context_length: int,
+                 kv_tokens: int | None = None, max_slots: int = 64, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                 prefix_caching: bool = True, image_cache: ImageEmbeddingCache | None = None,
+                 compile: bool = False) -> None:
+        self.model, self.decoder, self.ids = model, decoder, ids
+        lm = model.language_model
+        layers = lm.model.layers
+        self.device = lm.lm_head.weight.device
+        self.embed_device = lm.model.embed_tokens.weight.device
+        self._cache_args = dict(kv_heads=lm.config.num_key_value_heads, head_dim=layers[0].self_attn.head_dim,
+                                max_capacity=context_length, max_tokens=kv_tokens, max_slots=max_slots)
+        self.kv = self._new_cache()
+        self.sampler = BatchSampler(lm.lm_head.out_features, self.device, slots=1)
+        self.prefix = PrefixIndex(enabled=prefix_caching)
+        self.images = image_cache if image_cache is not None else ImageEmbeddingCache(0)
+        self.chunk_tokens = max(1, chunk_tokens)
+        self.tokens_per_tile = model.config.tokens_per_tile
+        self.waiting: deque[Row] = deque()  # admitted, no slot yet (the cache is full)
+        self.prefilling: deque[Row] = deque()  # holding a slot, prompt not yet all in the cache
+        self.running: dict[int, Row] = {}  # slot -> row, decoding
+        self.ready: list[Row] = []  # rows with logits to sample from
+        self.logits: torch.Tensor | None = None  # [B, V] of the last decode step (row i = slot i)
+        self._step = torch.compile(decode_step, fullgraph=True, dynamic=False,
+                                   mode="reduce-overhead" if self.device.type == "cuda" else None) if compile else None
+        self.compiled = compile
 
-    @classmethod
-    def start(
-        cls, model: NVLMModel, requests: list[tuple[int, PreparedRequest]], decoder: Decoder, ids: TokenIds
-    ) -> tuple[DecodeBatch, list[Delta]]:
-        """Prefill `(index, request)` pairs; requests cancelled before any compute end at once.
+    def _layer_devices(self) -> list[torch.device]:
+        return [layer.input_layernorm.weight.device for layer in self.model.language_model.model.layers]
 
-        A request whose row cannot be built, or whose prefill fails, ends with an error delta;
-        the others are prefilled without it.
-        """
-        device = model.language_model.lm_head.weight.device
-        rows: list[_Row] = []
+    def _new_cache(self) -> KVCache:
+        return KVCache(self._layer_devices(), dtype=self.model.language_model.model.embed_tokens.weight.dtype,
+                       **self._cache_args)
+
+    def _follow_the_model(self) -> None:
+        """Rebuild the (empty) cache if the model's layers moved since it was made (tests move them)."""
+        if not self.busy and self.kv.layer_devices != self._layer_devices():
+            for slot in self.prefix.idle_slots():
+                self.prefix.forget(slot)
+            self.kv = self._new_cache()
+            lm = self.model.language_model
+            self.device, self.embed_device = lm.lm_head.weight.device, lm.model.embed_tokens.weight.device
+            self.sampler = BatchSampler(lm.lm_head.out_features, self.device, slots=1)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running or self.ready)
+
+    # --- admission -----------------------------------------------------------------------
+
+    def admit(self, requests: list[tuple[int, PreparedRequest]]) -> list[Delta]:
+        """Take `(index, request)` pairs; a request cancelled or failing before any compute ends at once."""
+        self._follow_the_model()
         done: list[Delta] = []
         for index, request in requests:
-            try:
-                row = _Row(index, request, decoder, device)
-            except Exception as e:  # e.g. seeding its generator: that request only
-                done.append(_failed(index, "prefill", "preparing its sampling state", e))
-                continue
             if request.cancel.is_set():
+                row = Row(index, request, self.decoder)
                 row.finish_reason = "cancelled"
-                done.append(Delta(row.index, "", row.result()))
-            else:
-                rows.append(row)
-        batch, failed = cls._prefill(model, rows, ids)
-        return batch, done + failed
-
-    @classmethod
-    def _prefill(cls, model: NVLMModel, rows: list[_Row], ids: TokenIds) -> tuple[DecodeBatch, list[Delta]]:
-        """Prefill `rows` as one group; if that fails, one by one, so only the culprits fail."""
-        batch = cls(model, rows, ids)
-        if not rows:
-            return batch, []
-        try:
-            batch.logits, batch.step, batch.valid = prefill(model, [row.request for row in rows], ids)
-            return batch, []
-        except Exception as e:
-            if len(rows) == 1:
-                return cls(model, [], ids), [_failed(rows[0].index, "prefill", "prefilling its prompt", e)]
-            logger.warning("prefill of a group of %d requests failed; retrying them one by one", len(rows), exc_info=e)
-        batch, failed = cls(model, [], ids), []
-        for row in rows:
-            alone, errors = cls._prefill(model, [row], ids)
-            batch.merge(alone)
-            failed += errors
-        return batch, failed
-
-    def merge(self, other: DecodeBatch) -> None:
-        """Append `other`'s rows; the shorter cache is left-padded (padding is never attended)."""
-        if not other.rows:
-            return
-        if not self.rows:
-            self.rows, self.logits, self.step, self.valid = other.rows, other.logits, other.step, other.valid
-            return
-        assert self.step and other.step and self.valid is not None and other.valid is not None
-        assert self.logits is not None and other.logits is not None
-        length = max(self.valid.shape[1], other.valid.shape[1])
-        for cache in (self.step.cache, other.step.cache):
-            _left_pad_cache(cache, length)
-        for a, b in zip(self.step.cache.layers, other.step.cache.layers):
-            a.keys = torch.cat([a.keys, b.keys.to(a.keys.device)])
-            a.values = torch.cat([a.values, b.values.to(a.values.device)])
-        self.valid = torch.cat([_left_pad(self.valid, length), _left_pad(other.valid, length).to(self.valid.device)])
-        self.step.position_ids = torch.cat([self.step.position_ids[:, -1:], other.step.position_ids[:, -1:].to(self.step.position_ids.device)])
-        self.step.attention_mask = None  # rebuilt by the next decode step
-        self.logits = torch.cat([self.logits, other.logits.to(self.logits.device)])
-        self.rows += other.rows
-
-    def advance(self) -> list[Delta]:
-        """Choose one token per row, return the deltas, and compute the next logits.
-
-        A row whose token cannot be chosen or recorded ends alone with an error delta.
-        """
-        assert self.logits is not None and self.step is not None and self.valid is not None
-        outcomes: list[Delta | tuple[_Row, str]] = []  # per row: its failure, or its new text
-        tokens: list[int] = []
-        picks: list[tuple[int, int]] = []  # (batch row, token) of recorded tokens asking for logprobs
-        for i, row in enumerate(self.rows):
+                done.append(Delta(index, "", row.result()))
+                continue
             try:
-                token = _choose(row, self.logits[i])
-                before = len(row.generated)
-                text = _advance(row, token, self.ids.end)
-            except Exception as e:  # this row's sampling or constraint: never the batch's
-                row.finish_reason = "error"
-                tokens.append(self.ids.pad)  # dropped with the row below
-                outcomes.append(_failed(row.index, "decode", f"choosing token {len(row.generated) + 1}", e))
+                row = Row(index, request, self.decoder)
+                row.keys = self._content_keys(request)
+            except Exception as e:  # that request only
+                done.append(failed_delta(index, "prefill", "preparing its prompt", e))
                 continue
-            tokens.append(token)
-            if row.options.logprobs and len(row.generated) > before:
-                picks.append((i, token))
-            outcomes.append((row, text))
-        if picks:
-            _record_logprobs(self.logits, [self.rows[i] for i, _ in picks], picks)
-        deltas: list[Delta] = []
-        for outcome in outcomes:
-            if isinstance(outcome, Delta):
-                deltas.append(outcome)
+            self.waiting.append(row)
+        return done + self._place_waiting()
+
+    def _content_keys(self, request: PreparedRequest) -> np.ndarray:
+        tiles, keys = request.image_tiles, request.image_keys
+        if request.pixel_values is not None and not tiles:  # one image made of all the tiles
+            tiles = (request.pixel_values.shape[0],)
+        if request.pixel_values is not None and len(keys) != len(tiles):
+            chunks = torch.split(request.pixel_values, list(tiles))
+            keys = tuple(image_key(chunk) for chunk in chunks)
+        request.image_tiles, request.image_keys = tuple(tiles), tuple(keys)
+        return content_keys(request.prompt_ids, self.ids.image, keys, tiles, self.tokens_per_tile)
+
+    def _place_waiting(self) -> list[Delta]:
+        """Give waiting rows a slot, reusing a cached prefix where one matches."""
+        done: list[Delta] = []
+        while self.waiting:
+            row = self.waiting[0]
+            if row.request.cancel.is_set():
+                self.waiting.popleft()
+                done.append(self._end(row, "cancelled"))
                 continue
-            row, text = outcome
-            if row.finish_reason is not None:
-                text += row.stream.finish()
-                deltas.append(Delta(row.index, text, row.result(), logprobs=row.take_logprobs()))
-            elif text:
-                deltas.append(Delta(row.index, text, logprobs=row.take_logprobs()))
-        keep = [i for i, row in enumerate(self.rows) if row.finish_reason is None]
-        if len(keep) < len(self.rows):
-            self.rows = [self.rows[i] for i in keep]
-            tokens = [tokens[i] for i in keep]
-            if not keep:
-                self.logits = self.step = self.valid = None
-                return deltas
-            index = torch.tensor(keep)  # a CPU index works for cache layers on every device
-            self.step.cache.batch_select_indices(index)
-            self.step.position_ids = self.step.position_ids[index]
-            self.valid = self.valid[index]
-        self.logits, self.valid = decode_one(self.model, torch.tensor(tokens, device=self.valid.device), self.step, self.valid)
+            need = len(row.request.prompt_ids) + row.options.max_new_tokens
+            try:
+                slot, start = self._slot_for(row, need)
+            except KVCacheFullError as e:
+                if self._holding():
+                    break  # room comes back when a running request ends
+                self.waiting.popleft()
+                done.append(failed_delta(row.index, "prefill", "reserving its KV cache", e))
+                continue
+            self.waiting.popleft()
+            try:
+                self.sampler.ensure_slots(self.kv.slots + 1)
+                self.sampler.admit(slot, row.options, row.request.prompt_ids)
+            except Exception as e:
+                self.prefix.forget(slot)
+                done.append(failed_delta(row.index, "prefill", "preparing its sampling state", e))
+                continue
+            row.slot, row.length = slot, start
+            self.prefix.running(slot, row.keys[:start])
+            self.prefilling.append(row)
+        return done
+
+    def _holding(self) -> bool:
+        return bool(self.prefilling or self.running or self.ready)
+
+    def _slot_for(self, row: Row, need: int) -> tuple[int, int]:
+        """A slot for `row` and how many of its prompt positions already hold its KV there."""
+        match = self.prefix.lookup(row.keys, max_length=len(row.keys) - 1)
+        if match is not None and match.idle:
+            self.kv.ensure(self.kv.slots, need)
+            self.prefix.take(match.slot)
+            self.prefix.truncate(match.slot, match.length)
+            return match.slot, match.length
+        slot = self._free_slot(need)
+        if match is not None:  # the prefix is in a running row's slot: copy it, do not recompute it
+            self.kv.copy_prefix(match.slot, slot, match.length)
+            return slot, match.length
+        return slot, 0
+
+    def _free_slot(self, need: int) -> int:
+        busy = {row.slot for row in (*self.prefilling, *self.ready)} | set(self.running)
+        idle = set(self.prefix.idle_slots())
+        free = [s for s in range(self.kv.slots) if s not in busy and s not in idle]
+        if free and self.kv.fits(self.kv.slots, need):
+            self.kv.ensure(self.kv.slots, need)
+            return free[0]
+        if self.kv.fits(self.kv.slots + 1, need):
+            slot = self.kv.slots
+            self.kv.ensure(slot + 1, need)
+            return slot
+        victim = self.prefix.evict()  # the least recently used cached sequence gives way
+        if victim is None:
+            raise KVCacheFullError(f"no KV cache slot free for a sequence of {need} tokens")
+        self.kv.ensure(self.kv.slots, need)
+        return victim
+
+    # --- one step ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[Delta]:
+        """Prefill one chunk's worth of prompts, sample a token per ready row, decode one step."""
+        deltas = self._place_waiting()
+        deltas += self._prefill()
+        deltas += self._sample()
+        self._decode()
         return deltas
 
+    def _prefill(self) -> list[Delta]:
+        deltas: list[Delta] = []
+        budget = self.chunk_tokens
+        while budget > 0 and self.prefilling:
+            row = self.prefilling[0]
+            if row.request.cancel.is_set():
+                self.prefilling.popleft()
+                deltas.append(self._end(row, "cancelled"))
+                continue
+            try:
+                logits, used = self._prefill_chunk(row, budget)
+            except Exception as e:
+                self.prefilling.popleft()
+                self._release(row, keep=False)
+                deltas.append(failed_delta(row.index, "prefill", "prefilling its prompt", e))
+                continue
+            budget -= used
+            if logits is not None:
+                self.prefilling.popleft()
+                row.embeds = None
+                row.logits = logits[0]
+                self.ready.append(row)
+        return deltas
 
-def decode_requests(
-    model: NVLMModel, requests: list[PreparedRequest], decoder: Decoder, ids: TokenIds
-) -> Iterator[Delta]:
-    """Generate every request to its end, yielding text deltas as they are ready.
+    def _prefill_chunk(self, row: Row, budget: int) -> tuple[torch.Tensor | None, int]:
+        """Prefill the next up-to-`budget` prompt tokens of `row`; logits once the prompt is all in."""
+        prompt = row.request.prompt_ids
+        if row.embeds is None:
+            row.embeds = self._embed(row)
+        end = min(len(prompt), row.length + budget)
+        logits = prefill_chunk(self.model, self.kv, row.slot, row.embeds[:, row.length : end], row.length)
+        self.prefix.extend(row.slot, row.keys[row.length : end])
+        used, row.length = end - row.length, end
+        return (logits if end == len(prompt) else None), used
+
+    def _embed(self, row: Row) -> torch.Tensor:
+        """Embeddings [1, S, hidden] of the prompt, images spliced in (only when the uncached part has image pads)."""
+        request = row.request
+        ids = torch.tensor([request.prompt_ids], dtype=torch.long)
+        needs_images = request.pixel_values is not None and bool((row.keys[row.length :] < 0).any())
+        if not needs_images:
+            ids = ids.masked_fill(ids == self.ids.image, self.ids.pad)  # cached or absent: any id will do
+            return self.model.embed(ids, None, self.ids.image)
+        parts = []
+        for key, pixels in zip(request.image_keys, torch.split(request.pixel_values, list(request.image_tiles))):
+            tokens = self.images.get(key)
+            if tokens is None:
+                tokens = self.model.encode_images(pixels)
+                self.images.put(key, tokens)
+            parts.append(tokens)
+        return self.model.embed(ids, torch.cat(parts), self.ids.image)
+
+    def _sample(self) -> list[Delta]:
+        """One token for every row with logits: one sampler call, one host transfer."""
+        rows = [row for row in self.ready if row.logits is not None]
+        rows += [row for _, row in sorted(self.running.items())]
+        self.ready = []
+        if not rows:
+            return []
+        logits = self._gather_logits(rows)
+        masks, failures = [], {}
+        for i, row in enumerate(rows):
+            try:
+                masks.append(row.request.constraint.allowed() if row.request.constraint is not None else None)
+            except Exception as e:  # its grammar: that row only
+                masks.append(None)
+                failures[i] = e
+        picked = self.sampler.sample(logits, [row.slot for row in rows], masks)
+        deltas: list[Delta] = []
+        for i, row in enumerate(rows):
+            error = failures.get(i) or picked.errors[i]
+            if error is not None:
+                self.running.pop(row.slot, None)
+                self._release(row, keep=False)
+                deltas.append(failed_delta(row.index, "decode", f"choosing token {len(row.generated) + 1}", error))
+                continue
+            try:
+                text = record_token(row, picked.tokens[i], picked.logprobs[i], self.ids.end)
+            except Exception as e:  # its constraint refused the token, its stop strings: that row only
+                self.running.pop(row.slot, None)
+                self._release(row, keep=False)
+                deltas.append(failed_delta(row.index, "decode", f"recording token {len(row.generated) + 1}", e))
+                continue
+            if row.finish_reason is not None:
+                self.running.pop(row.slot, None)
+                text += row.stream.finish()
+                self._release(row, keep=True)
+                deltas.append(Delta(row.index, text, row.result(), logprobs=row.take_logprobs()))
+            else:
+                row.next_token = picked.tokens[i]
+                self.running[row.slot] = row
+                if text or row.unsent:
+                    deltas.append(Delta(row.index, text, logprobs=row.take_logprobs()))
+        return deltas
+
+    def _gather_logits(self, rows: list[Row]) -> torch.Tensor:
+        """[R, V] logits of `rows`: fresh prefill logits, and the last decode step's row of each running slot."""
+        parts = []
+        for row in rows:
+            if row.logits is not None:
+                parts.append(row.logits[None])
+                row.logits = None
+            else:
+                assert self.logits is not None
+                parts.append(self.logits[row.slot : row.slot + 1])
+        return torch.cat(parts)
+
+    def _decode(self) -> None:
+        """Feed each running row its new token; the logits of the next step land in `self.logits`."""
+        if not self.running:
+            self.logits = None
+            return
+        top = max(self.running) + 1
+        longest = max(row.length for row in self.running.values()) + 1
+        rows, window = (_bucket(top, 1), _bucket(longest, 256)) if self.compiled else (top, longest)
+        window = min(window, self.kv.capacity)
+        rows = min(rows, self.kv.slots)
+        step = torch.zeros((3, rows), dtype=torch.long)  # tokens, positions, write slots
+        step[0].fill_(self.ids.pad)
+        step[2].fill_(self.kv.scratch)
+        for slot, row in self.running.items():
+            step[:, slot] = torch.tensor([row.next_token, row.length, slot])
+        if self.embed_device.type == "cuda" and torch.cuda.is_available():
+            step = step.pin_memory()
+        step = step.to(self.embed_device, non_blocking=True)  # host -> device: no sync
+        forward = self._step or decode_step
+        self.logits = forward(self.model, self.kv, step[0], step[1], step[2], window)
+        if self._step is not None:
+            self.logits = self.logits.clone()  # a CUDA graph's output is overwritten by its next replay
+        for slot, row in self.running.items():
+            self.prefix.extend(slot, [row.next_token])
+            row.length += 1
+
+    # --- ending --------------------------------------------------------------------------
+
+    def _end(self, row: Row, reason: str) -> Delta:
+        row.finish_reason = reason
+        self._release(row, keep=False)
+        return Delta(row.index, row.stream.finish(), row.result(), logprobs=row.take_logprobs())
+
+    def _release(self, row: Row, *, keep: bool) -> None:
+        """Give the row's slot back: cached for later prefixes when it ended well, else forgotten."""
+        if row.slot is None:
+            return
+        self.sampler.release(row.slot)
+        if keep:
+            self.prefix.finish(row.slot)
+        else:
+            self.prefix.forget(row.slot)
+        row.slot = None
+
+    def cancel_all(self) -> list[Delta]:
+        """End every request this core holds ("cancelled"), e.g. when its owner shuts down."""
+        rows = [*self.waiting, *self.prefilling, *self.ready, *self.running.values()]
+        self.waiting.clear(), self.prefilling.clear(), self.ready.clear(), self.running.clear()
+        return [self._end(row, "cancelled") for row in rows]
+
+
+def _bucket(n: int, least: int) -> int:
+    size = least
+    while size < n:
+        size *= 2
+    return size
+
+
+def decode_requests(core: DecodeCore, requests: list[PreparedRequest]) -> Iterator[Delta]:
+    """Generate every request to its end on `core`, yielding text deltas as they are ready.
 
     Each request ends on `<|im_end|>` or one of its stop token ids / stop strings ("stop"),
     after its `max_new_tokens` ("length"), or when its `cancel` event is set ("cancelled").
@@ -275,107 +403,23 @@ def decode_requests(
             so callers that expect one result per request never see one missing.
     """
     failure: RequestFailedError | None = None
-    batch, done = DecodeBatch.start(model, list(enumerate(requests)), decoder, ids)
-    while True:
-        for delta in done:
-            failure = failure or delta.error
-            yield delta
-        if not batch.rows:
-            break
-        done = batch.advance()
+    pending = len(requests)
+    done = core.admit(list(enumerate(requests)))
+    try:
+        while True:
+            for delta in done:
+                if delta.result is not None or delta.error is not None:
+                    pending -= 1
+                failure = failure or delta.error
+                yield delta
+            if not pending:
+                break
+            done = core.step()
+    finally:
+        if pending:  # the consumer left early: end our requests, keep the core usable
+            for request in requests:
+                request.cancel.set()
+            while core.busy:
+                core.step()
     if failure is not None:
         raise failure
-
-
-def _left_pad(valid: torch.Tensor, length: int) -> torch.Tensor:
-    missing = length - valid.shape[1]
-    return torch.nn.functional.pad(valid, (missing, 0), value=False) if missing else valid
-
-
-def _left_pad_cache(cache: object, length: int) -> None:
-    for layer in cache.layers:  # transformers DynamicCache: keys/values [B, H, K, D]
-        missing = length - layer.keys.shape[-2]
-        if missing:
-            layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, missing, 0))
-            layer.values = torch.nn.functional.pad(layer.values, (0, 0, missing, 0))
-
-
-def _failed(index: int, stage: str, doing: str, cause: Exception) -> Delta:
-    """The final delta of a request that failed; the message names the failure, never the content."""
-    logger.warning("request %d failed while %s", index, doing, exc_info=cause)
-    detail = f"{type(cause).__name__}: {cause}" if isinstance(cause, NVLMError) else type(cause).__name__
-    error = RequestFailedError(
-        f"the request failed while {doing} ({detail}); the other requests were not affected. "
-        "Check its sampling options, images and constraint; the log has the full cause",
-        stage=stage,
-    )
-    error.__cause__ = cause
-    return Delta(index, "", error=error)
-
-
-def _record_logprobs(logits: torch.Tensor, rows: list[_Row], picks: list[tuple[int, int]]) -> None:
-    """Append each picked token's `TokenLogprob` to its row, from the raw logits [B, V].
-
-    One `log_softmax` over the rows that ask and one copy to the host for all of them.
-    """
-    device = logits.device
-    index = torch.tensor([i for i, _ in picks], device=device)
-    chosen = torch.tensor([t for _, t in picks], device=device)
-    logprobs = torch.log_softmax(logits[index].float(), dim=-1)  # [R, V]
-    columns = [logprobs.gather(1, chosen[:, None]).double()]  # [R, 1]
-    k = min(max(row.options.top_logprobs for row in rows), logprobs.shape[-1])
-    if k:
-        top = torch.topk(logprobs, k, dim=-1)  # sorted, descending
-        # Ids travel as float64 (exact below 2**53) so everything crosses to the host at once.
-        columns += [top.values.double(), top.indices.double()]
-    host = torch.cat(columns, dim=1).tolist()  # [R, 1 + 2k]
-    for row, (_, token), values in zip(rows, picks, host):
-        n = row.options.top_logprobs
-        top_pairs = tuple((int(values[1 + k + j]), values[1 + j]) for j in range(n))
-        row.logprobs.append(TokenLogprob(token, values[0], top_pairs))
-        row.unsent += 1
-
-
-def _choose(row: _Row, logits: torch.Tensor) -> int:
-    """Penalties (vLLM's order: repetition, then presence/frequency), constraint, sampling."""
-    options = row.options
-    if options.repetition_penalty != 1.0:
-        if row.seen is None:
-            row.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-            seen = torch.tensor(row.request.prompt_ids + row.generated, dtype=torch.long)
-            row.seen[seen.to(logits.device)] = True
-        logits = apply_repetition_penalty(logits, row.seen, options.repetition_penalty)
-    if options.presence_penalty or options.frequency_penalty:
-        if row.counts is None:
-            row.counts = torch.zeros(logits.shape[-1], dtype=torch.float32, device=logits.device)
-        logits = apply_presence_frequency_penalty(
-            logits, row.counts, options.presence_penalty, options.frequency_penalty
-        )
-    logits = apply_constraint(logits, row.request.constraint)
-    return sample_token(logits, options, row.generator)
-
-
-def _advance(row: _Row, token: int, end_id: int) -> str:
-    """Record `token` for `row`; sets `row.finish_reason` when the row is done. Returns the delta."""
-    if row.first_token_at is None:
-        row.first_token_at = time.perf_counter()
-    if row.request.cancel.is_set():
-        row.finish_reason = "cancelled"
-        return ""
-    if token == end_id or token in row.options.stop_token_ids:
-        row.finish_reason = "stop"
-        return ""
-    constraint = row.request.constraint
-    if constraint is not None:
-        constraint.accept(token)
-    row.generated.append(token)
-    if row.seen is not None:
-        row.seen[token] = True  # in place on the device: no host sync, no copy of the history
-    if row.counts is not None:
-        row.counts[token] += 1
-    delta = row.stream.push(token)
-    if row.stream.stopped or (constraint is not None and constraint.done):
-        row.finish_reason = "stop"
-    elif len(row.generated) >= row.options.max_new_tokens:
-        row.finish_reason = "length"
-    return delta

@@ -87,6 +87,8 @@ class PreparedRequest:
     started: float = field(default_factory=time.perf_counter)
     preprocess_s: float = 0.0
     constraint: TokenConstraint | None = None  # e.g. a grammar matcher for tool calls / JSON
+    image_tiles: tuple[int, ...] = ()  # tiles of each image, in prompt order (sum: pixel_values' rows)
+    image_keys: tuple[int, ...] = ()  # each image's content hash (`image_cache.image_key`): cache keys
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,10 @@
 """The NVLM-D network: InternViT -> pixel shuffle -> `mlp1` projector -> Qwen2 (SPEC sections 1-3, 7).
 
 Module names equal the checkpoint keys (`vision_model.*`, `mlp1.*`, `language_model.*`), so a
-checkpoint loads with a strict state-dict fill. The LLM is transformers' `Qwen2ForCausalLM`;
-this module runs its decoder layers itself (`forward_llm`) so that it can
-
-- take spliced text + image embeddings,
-- compute the LM head only where logits are needed (the last position), not for every
-  prompt token,
-- move hidden states between devices when the layers are spread over several, and
-- use the attention mask it builds once per step for left-padded batches.
+checkpoint loads with a strict state-dict fill. The LLM's weights are transformers'
+`Qwen2ForCausalLM` modules; the engine runs its decoder layers itself over its own KV cache
+(`decoder.py`), and `reference_decode.py` runs transformers' layers as the exactness oracle.
+This module turns tiles into LLM-space image tokens and splices them into token embeddings.
 
 Knows nothing of tokenizers, images on disk, sampling or streaming.
 """
@@ -16,7 +12,6 @@ Knows nothing of tokenizers, images on disk, sampling or streaming.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -115,66 +110,3 @@ class NVLMModel(nn.Module):
         embeds = embeds.clone()
         embeds[mask] = image_tokens.to(device=embeds.device, dtype=embeds.dtype)
         return embeds
-
-    def forward_llm(self, embeds: torch.Tensor, step: LLMStep) -> torch.Tensor:
-        """Run the decoder on [B, S, hidden] embeddings; returns logits [B, vocab] of the last position.
-
-        The KV cache in `step.cache` is extended in place.
-        """
-        lm = self.language_model
-        h = embeds
-        cos, sin = lm.model.rotary_emb(h, step.position_ids.to(h.device))
-        devices: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
-        for layer in lm.model.layers:
-            device = layer.input_layernorm.weight.device
-            if device not in devices:
-                mask = step.attention_mask.to(device) if step.attention_mask is not None else None
-                devices[device] = (cos.to(device), sin.to(device), mask)
-            layer_cos, layer_sin, mask = devices[device]
-            h = layer(
-                h.to(device),
-                attention_mask=mask,
-                position_embeddings=(layer_cos, layer_sin),
-                cache=step.cache,
-                use_cache=True,
-            )
-        h = h[:, -1:, :].to(lm.model.norm.weight.device)
-        h = lm.model.norm(h)
-        logits = lm.lm_head(h.to(lm.lm_head.weight.device))
-        return logits[:, -1, :].float()  # [B, vocab], fp32 for sampling
-
-
-@dataclass
-class LLMStep:
-    """What one decoder pass needs besides the embeddings.
-
-    Attributes:
-        position_ids: [B, S] positions of the new tokens (pads excluded from the count).
-        attention_mask: None for an unpadded causal pass, else a boolean [B, 1, S, past + S]
-            (True = may attend).
-        cache: a transformers `Cache` holding the keys and values so far.
-    """
-
-    position_ids: torch.Tensor
-    attention_mask: torch.Tensor | None
-    cache: object
-
-
-def build_attention_mask(valid: torch.Tensor, query_len: int) -> torch.Tensor | None:
-    """Boolean [B, 1, S, K] mask for the last `query_len` positions of `valid` ([B, K], True = real token).
-
-    Returns None when no row has padding, so SDPA takes its fast causal path. A padding
-    position may attend to itself so that its row is never empty (an empty row gives NaN,
-    and NaN in a value vector poisons the real rows even at weight zero).
-    """
-    if bool(valid.all()):
-        return None
-    b, k = valid.shape
-    device = valid.device
-    q_pos = torch.arange(k - query_len, k, device=device)  # absolute positions of the queries
-    k_pos = torch.arange(k, device=device)
-    causal = k_pos[None, :] <= q_pos[:, None]  # [S, K]
-    mask = causal[None] & valid[:, None, :]  # [B, S, K]
-    mask = mask | (k_pos[None, None, :] == q_pos[None, :, None])
-    return mask[:, None]
-

@@ -2,9 +2,10 @@
 
 Callers (threads of a server, asyncio tasks, LangChain `batch` calls) `submit()` prepared
 requests and read their deltas from the returned `RequestHandle`, sync or async. The worker
-thread owns the model: between two decode steps it admits waiting requests (prefilled as one
-group and merged into the running batch), so a newcomer's first token never waits for the
-running answers to finish. The queue is bounded; a full queue is a typed error the caller can
+thread owns a decode core (`generation.DecodeCore`): between two decode steps it admits
+waiting requests, whose prompts are prefilled in chunks interleaved with the running rows'
+steps, so a newcomer's first token never waits for the running answers to finish and the
+running answers never stall for a newcomer's whole prefill. The queue is bounded; a full queue is a typed error the caller can
 turn into "429 Too Many Requests". Cancelling a handle (a client went away) frees its row at
 the next step. A request that fails alone (its sampling, its seed, its prefill) gets its own
 `RequestFailedError` and the others go on; every error a handle raises is an `NVLMError`.
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from .errors import NVLMError, RequestFailedError
-from .generation import DecodeBatch, Delta, GenerationResult, PreparedRequest
+from .generation import Delta, GenerationResult, PreparedRequest
 
 if TYPE_CHECKING:
     from .engine import NVLMEngine
@@ -147,6 +148,9 @@ class Scheduler:
         self._next_id = 0
         self.max_rows = 0
         """The most rows decoded together in one step so far (monitoring, tests)."""
+        # Running rows plus as many cached sequences again (prefix caching) at most.
+        self._slots = max(2 * max_batch_size, engine.decoding.max_slots)
+        self.core = engine.new_core(max_slots=self._slots)
         self._thread = threading.Thread(target=self._run, name="nvlm-scheduler", daemon=True)
         self._thread.start()
 
@@ -198,22 +202,24 @@ class Scheduler:
     # --- worker --------------------------------------------------------------------------
 
     def _run(self) -> None:
-        batch: DecodeBatch | None = None
+        core = self.core
         while True:
-            admitted = self._admit(busy=batch is not None and bool(batch.rows))
+            admitted = self._admit(busy=core.busy)
             if admitted is None:
+                self._dispatch(core.cancel_all())
                 return
             if admitted:
-                batch = self._start(admitted, batch)
-            if batch is None or not batch.rows:
+                self._dispatch(core.admit([(i, h.request) for i, h in admitted]))
+            if not core.busy:
                 continue
-            self.max_rows = max(self.max_rows, len(batch.rows))
+            self.max_rows = max(self.max_rows, len(core.running))
             try:
-                deltas = batch.advance()  # a row that fails alone comes back as an error delta
-            except Exception as e:  # a failed decoder step fails its requests, never the worker
+                deltas = core.step()  # a row that fails alone comes back as an error delta
+            except Exception as e:  # a failed step fails its requests, never the worker
                 logger.exception("decode step failed")
-                self._fail([row.index for row in batch.rows], e)
-                batch = None
+                self._dispatch(core.cancel_all())
+                self._fail(list(self._handles), e)
+                self.core = core = self.engine.new_core(max_slots=self._slots)
                 continue
             self._dispatch(deltas)
 
@@ -232,23 +238,6 @@ class Scheduler:
                 self._handles[self._next_id] = handle
                 admitted.append((self._next_id, handle))
         return admitted
-
-    def _start(self, admitted: list[tuple[int, RequestHandle]], batch: DecodeBatch | None) -> DecodeBatch | None:
-        """Prefill the admitted group and merge it; a request that fails alone gets its own error."""
-        engine = self.engine
-        try:
-            fresh, done = DecodeBatch.start(
-                engine.model, [(i, h.request) for i, h in admitted], engine.tokenizer, engine.token_ids
-            )
-        except Exception as e:  # not one request's fault (start isolates those): the group fails
-            logger.exception("prefill failed")
-            self._fail([i for i, _ in admitted], e, "prefill")
-            return batch
-        self._dispatch(done)
-        if batch is None or not batch.rows:
-            return fresh
-        batch.merge(fresh)
-        return batch
 
     def _dispatch(self, deltas: list[Delta]) -> None:
         for delta in deltas:

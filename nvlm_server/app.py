@@ -22,6 +22,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -88,6 +90,55 @@ class _Metrics:
         self.running = Gauge("nvlm_running_requests", "Requests being decoded", registry=self.registry)
 
 
+# engine.cache_stats() key -> (metric name, counter?, help); a counter's samples get "_total".
+_CACHE_METRICS = (
+    ("prefix_queries", "nvlm_prefix_cache_queries", True, "Prefix-cache lookups"),
+    ("prefix_hits", "nvlm_prefix_cache_hits", True, "Prefix-cache lookups that reused a slot's KV"),
+    ("prefix_hit_tokens", "nvlm_prefix_cache_hit_tokens", True, "Prompt tokens whose KV was reused"),
+    ("prefix_query_tokens", "nvlm_prefix_cache_query_tokens", True, "Prompt tokens looked up in the prefix cache"),
+    ("prefix_evictions", "nvlm_prefix_cache_evictions", True, "Idle KV slots evicted"),
+    ("prefix_idle_slots", "nvlm_prefix_cache_idle_slots", False, "KV slots resident and idle, reusable"),
+    ("image_cache_hits", "nvlm_image_cache_hits", True, "Images whose embeddings came from the cache"),
+    ("image_cache_misses", "nvlm_image_cache_misses", True, "Images that went through the vision tower"),
+    ("image_cache_evictions", "nvlm_image_cache_evictions", True, "Image embeddings evicted"),
+    ("image_cache_entries", "nvlm_image_cache_entries", False, "Image embeddings cached"),
+    ("image_cache_bytes", "nvlm_image_cache_bytes", False, "Bytes of cached image embeddings"),
+)
+
+
+class _CacheCollector(Collector):
+    """The engine's prefix/image cache counters, read at scrape time: one `cache_stats()` call per scrape.
+
+    An engine without `cache_stats` exposes nothing; a key it does not report is left out; a
+    failing call is logged and the scrape goes on without these metrics.
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+
+    def describe(self) -> list[Metric]:  # names only, for the registry's duplicate check; no engine call
+        if getattr(self._engine, "cache_stats", None) is None:
+            return []
+        return [(CounterMetricFamily if counter else GaugeMetricFamily)(name, text)
+                for _, name, counter, text in _CACHE_METRICS]
+
+    def collect(self) -> list[Metric]:
+        cache_stats = getattr(self._engine, "cache_stats", None)
+        if cache_stats is None:
+            return []
+        try:
+            stats = cache_stats()
+        except Exception:
+            logger.exception("engine.cache_stats() failed; cache metrics left out of this scrape")
+            return []
+        families: list[Metric] = []
+        for key, name, counter, text in _CACHE_METRICS:
+            if key in stats:
+                family = CounterMetricFamily if counter else GaugeMetricFamily
+                families.append(family(name, text, value=stats[key]))
+        return families
+
+
 def create_app(engine: NVLMEngine, settings: ServerSettings | None = None) -> FastAPI:
     """Build the app around a loaded engine (the caller owns its lifetime)."""
     settings = settings or ServerSettings()
@@ -96,6 +147,7 @@ def create_app(engine: NVLMEngine, settings: ServerSettings | None = None) -> Fa
     service = ChatService(engine)
     metrics.queued.set_function(lambda: scheduler.queued)
     metrics.running.set_function(lambda: scheduler.running)
+    metrics.registry.register(_CacheCollector(engine))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -18,7 +18,7 @@ from nvlm_engine import (
     NVLMEngine,
     UnsafeCheckpointError,
 )
-from nvlm_engine.generation import prefill
+from nvlm_engine.reference_decode import prefill
 from nvlm_engine.model import NVLMModel
 
 # --- config ------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from nvlm_engine import GenerationOptionsError, NVLMEngine
-from nvlm_engine.generation import PreparedRequest, TokenLogprob, decode_one, prefill
+from nvlm_engine.generation import PreparedRequest, TokenLogprob
+from nvlm_engine.reference_decode import decode_one, prefill
 from nvlm_engine.sampling import SamplingOptions, apply_presence_frequency_penalty, make_options
 
 HI = [{"role": "user", "content": "Hi"}]

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from nvlm_engine.config import NVLMConfig, VisionConfig
-from nvlm_engine.generation import PreparedRequest, TokenIds, decode_one, prefill
+from nvlm_engine.generation import PreparedRequest, TokenIds
+from nvlm_engine.reference_decode import decode_one, prefill
 from nvlm_engine.model import pixel_shuffle
 from nvlm_engine.sampling import SamplingOptions
 from nvlm_engine.vision import InternVisionModel

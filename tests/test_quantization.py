@@ -24,7 +24,7 @@ from torch import nn
 from nvlm_engine import NVLMEngine, quantization
 from nvlm_engine.checkpoint import check_tensors, fill_model, find_weight_files, infer_dummy_heads, read_tensor_infos
 from nvlm_engine.config import NVLMConfig
-from nvlm_engine.generation import decode_one, prefill
+from nvlm_engine.reference_decode import decode_one, prefill
 from nvlm_engine.model import NVLMModel
 from nvlm_engine.placement import Footprint, layer_unit
 from nvlm_engine.quantization import (

@@ -34,24 +34,24 @@ from nvlm_langchain.engines import get_engine, loaded_specs
 class Recorder:
     """Wraps the engine's scheduler (calling through) to see the requests it admits and their results.
 
-    `batches` are the groups the scheduler prefilled together (requests queued at once, e.g. by
+    `batches` are the groups the scheduler admitted together (requests queued at once, e.g. by
     `batch`, are admitted as one group by an idle scheduler).
     """
 
     def __init__(self, scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch) -> None:
         self.batches: list[list[Any]] = []
         self.results: list[Any] = []
-        start, dispatch = scheduler._start, scheduler._dispatch
+        admit, dispatch = scheduler.core.admit, scheduler._dispatch
 
-        def recording_start(admitted: Any, batch: Any) -> Any:
-            self.batches.append([handle.request for _, handle in admitted])
-            return start(admitted, batch)
+        def recording_admit(admitted: Any) -> Any:
+            self.batches.append([request for _, request in admitted])
+            return admit(admitted)
 
         def recording_dispatch(deltas: Any) -> None:
             self.results += [d.result for d in deltas if d.result is not None and d.index in scheduler._handles]
             dispatch(deltas)
 
-        monkeypatch.setattr(scheduler, "_start", recording_start)
+        monkeypatch.setattr(scheduler.core, "admit", recording_admit)
         monkeypatch.setattr(scheduler, "_dispatch", recording_dispatch)
 
     @property
@@ -294,7 +294,7 @@ def _gate_first_prefill(scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch, e
     """Holds the scheduler's first prefill until `expected` requests were submitted, so concurrent
     callers deterministically overlap (the later ones then join the running batch)."""
     submitted, everyone = [], threading.Event()
-    submit, start = scheduler.submit, scheduler._start
+    submit, admit = scheduler.submit, scheduler.core.admit
 
     def counting_submit(*args: Any, **kwargs: Any) -> Any:
         handle = submit(*args, **kwargs)
@@ -303,12 +303,12 @@ def _gate_first_prefill(scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch, e
             everyone.set()
         return handle
 
-    def gated_start(admitted: Any, batch: Any) -> Any:
+    def gated_admit(admitted: Any) -> Any:
         assert everyone.wait(60), f"only {len(submitted)} of {expected} requests were submitted"
-        return start(admitted, batch)
+        return admit(admitted)
 
     monkeypatch.setattr(scheduler, "submit", counting_submit)
-    monkeypatch.setattr(scheduler, "_start", gated_start)
+    monkeypatch.setattr(scheduler.core, "admit", gated_admit)
     monkeypatch.setattr(scheduler, "max_rows", 0)
 
 

@@ -1,0 +1,117 @@
+"""The engine's own KV cache: fixed slots of keys and values, preallocated on each layer's device.
+
+Slot `s` holds one sequence's keys and values at positions `0..n-1`, contiguous, in every
+decoder layer: `keys[layer][s, :, p]` is position `p`. A request gets a slot when it is admitted
+and gives it back when it ends; nothing is copied for either, and no other row's KV moves. The
+row of a decode step is its slot, so a step reads `keys[layer][:rows]` as a view. The last slot
+is scratch: rows of a step that hold no live request write there, so a step's shapes depend on
+bucketed sizes only (what `torch.compile` and CUDA graphs need), never on which rows are live.
+
+Memory grows on demand and is bounded: slots and per-slot capacity double when needed (one copy
+per doubling, like a vector), capacity never beyond the context length and slots x capacity
+never beyond `max_tokens` (the KV room the placement plan left). Everything starts as zeros: a
+masked-out key that held NaN garbage would still poison a row (softmax weight 0 x NaN is NaN).
+
+Knows tensor shapes and devices; knows nothing of requests, prompts or sampling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .errors import NVLMError
+
+MIN_CAPACITY = 256  # tokens per slot at first; doubled as sequences grow
+
+
+class KVCacheFullError(NVLMError):
+    """The KV cache cannot grow to hold a request: wait for others to end, or shorten it."""
+
+
+class KVCache:
+    """Keys and values of every decoder layer for `slots` sequences (plus one scratch slot).
+
+    Args:
+        layer_devices: the device of each decoder layer, in order.
+        kv_heads, head_dim: the layers' key/value shape.
+        dtype: the compute dtype.
+        max_capacity: tokens per sequence at most (the engine's context length).
+        max_tokens: slots x capacity at most (None: no bound but `max_slots`).
+        max_slots: sequences at most.
+    """
+
+    def __init__(self, layer_devices: Sequence[torch.device], *, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 max_capacity: int, max_tokens: int | None = None, max_slots: int = 64) -> None:
+        self.layer_devices = list(layer_devices)
+        self.kv_heads, self.head_dim, self.dtype = kv_heads, head_dim, dtype
+        self.max_capacity = max_capacity
+        self.max_tokens = max_tokens
+        self.max_slots = max_slots
+        self.slots = 0
+        self.capacity = 0
+        self.keys: list[torch.Tensor] = []  # per layer [slots + 1, H_kv, capacity, D]
+        self.values: list[torch.Tensor] = []
+
+    @property
+    def scratch(self) -> int:
+        """The slot that rows without a live request write to."""
+        return self.slots
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def fits(self, slots: int, capacity: int) -> bool:
+        """Whether the cache may grow to `slots` sequences of `capacity` tokens."""
+        slots, capacity = max(slots, self.slots), max(_grown(capacity, self.max_capacity), self.capacity)
+        if slots > self.max_slots or capacity > self.max_capacity:
+            return False
+        return self.max_tokens is None or (slots + 1) * capacity <= self.max_tokens
+
+    def ensure(self, slots: int, capacity: int) -> None:
+        """Grow to at least `slots` sequences of `capacity` tokens (existing KV is kept).
+
+        Raises:
+            KVCacheFullError: beyond `max_slots`, the context length or `max_tokens`.
+        """
+        if slots <= self.slots and capacity <= self.capacity:
+            return
+        if not self.fits(slots, capacity):
+            raise KVCacheFullError(
+                f"the KV cache cannot hold {slots} sequence(s) of {capacity} tokens (at most {self.max_slots} "
+                f"sequences, {self.max_capacity} tokens each, {self.max_tokens or 'no limit on'} tokens in all); "
+                "wait for running requests to end, or lower max_new_tokens")
+        new_slots = max(slots, self.slots)
+        if new_slots > self.slots:  # doubling keeps growth copies rare
+            new_slots = min(max(new_slots, 2 * self.slots), self.max_slots)
+            while self.max_tokens is not None and new_slots > slots and (new_slots + 1) * capacity > self.max_tokens:
+                new_slots -= 1
+        new_capacity = max(_grown(capacity, self.max_capacity), self.capacity)
+        self.keys = [self._grow(t, new_slots, new_capacity, d) for t, d in zip(self._or_empty(self.keys), self.layer_devices)]
+        self.values = [self._grow(t, new_slots, new_capacity, d) for t, d in zip(self._or_empty(self.values), self.layer_devices)]
+        self.slots, self.capacity = new_slots, new_capacity
+
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Copy positions `0..length-1` of slot `source` into slot `target` (a shared prefix)."""
+        for keys, values in zip(self.keys, self.values):
+            keys[target, :, :length] = keys[source, :, :length]
+            values[target, :, :length] = values[source, :, :length]
+
+    def _or_empty(self, tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        return list(tensors) if tensors else [None] * len(self.layer_devices)
+
+    def _grow(self, old: torch.Tensor | None, slots: int, capacity: int, device: torch.device) -> torch.Tensor:
+        new = torch.zeros((slots + 1, self.kv_heads, capacity, self.head_dim), dtype=self.dtype, device=device)
+        if old is not None:  # the old scratch slot is not kept: it holds nothing
+            new[: self.slots, :, : self.capacity] = old[: self.slots]
+        return new
+
+
+def _grown(tokens: int, limit: int) -> int:
+    """`tokens` rounded up to a power of two (at least `MIN_CAPACITY`), at most `limit`."""
+    size = MIN_CAPACITY
+    while size < tokens:
+        size *= 2
+    return min(size, limit) if tokens <= limit else tokens
