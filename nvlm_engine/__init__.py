@@ -36,6 +36,8 @@ from .errors import (
     PromptError,
     RequestFailedError,
     SamplingError,
+    TensorParallelError,
+    TensorParallelOptionsError,
     UnsafeCheckpointError,
     UnsafeCheckpointPathError,
 )
@@ -100,6 +102,8 @@ __all__ = [
     "RequestFailedError",
     "SamplingError",
     "SamplingOptions",
+    "TensorParallelError",
+    "TensorParallelOptionsError",
     "TiledImage",
     "TokenConstraint",
     "UnsafeCheckpointError",

@@ -324,7 +324,9 @@ class BatchSampler:
             ranked = ranked.masked_fill(ranked < kth, float("-inf"))
             probs = torch.softmax(ranked, dim=-1)
             # Drop a token when the mass before it already reaches top_p (inf when off); the first stays.
-            ranked = ranked.masked_fill(probs.cumsum(-1) - probs >= params[:, _TOP_P : _TOP_P + 1], float("-inf"))
+            drop = probs.cumsum(-1) - probs >= params[:, _TOP_P : _TOP_P + 1]
+            drop[:, 0] = False  # the likeliest always stays, even for a top_p that fp32 rounds to 0
+            ranked = ranked.masked_fill(drop, float("-inf"))
             # Back to vocabulary order, where every row draws, so a row that filters nothing
             # draws the same token whether or not another row of the batch made this sort.
             x = x.scatter(1, order, ranked)

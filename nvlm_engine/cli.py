@@ -1,88 +1,194 @@
 """`nvlm-engine`: command-line tools of the engine.
 
-`nvlm-engine plan PATH --gpus 2xH200` prints where NVLM-D would go on those GPUs and how much
-context fits, from the checkpoint's config and tensor index alone (no weights, no GPU needed).
-The only module of `nvlm_engine` that knows click; library errors become `ClickException`s here.
+`nvlm-engine plan MODEL --gpus 2xH200` prints where NVLM-D would go on those GPUs and how much
+context fits, from the checkpoint's config and tensor index alone (no weights, no GPU needed),
+how its split compares with the model card's, why the checkpoint is larger on disk than loaded,
+and a `nvlm-chat` command that runs it; when it does not fit, the commands that would. MODEL is
+a folder or a Hugging Face id (its config.json and index from the cache; `--download` fetches
+those two files). Exit codes are the shared table (`exit_codes.py`): a plan that does not fit
+exits 5, a missing or bad checkpoint 4, bad flags 2.
+
+The only module of `nvlm_engine` that knows click besides `cli_options`. Heavy modules (torch,
+the planner) are imported when a command runs, so `--help` and `--version` answer at once.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
-import torch
 
-from .checkpoint import INDEX_FILE, check_tensors, files_inside, index_entry, infer_dummy_heads, read_tensor_infos
-from .config import NVLMConfig
-from .devices import parse_bytes, parse_gpu_spec, resolve_dtype
-from .errors import NVLMError
-from .placement import (
-    DEFAULT_OVERHEAD_BYTES,
-    GIB,
-    LAYERS,
-    DeviceSpec,
-    Footprint,
-    Plan,
-    format_gib,
-    plan_placement,
-)
-from .quantization import SCHEMES, get_scheme
+from .cli_options import CONTEXT_SETTINGS, QUANTIZATIONS, QuietCommand, version_option
+from .exit_codes import EXIT_CODES_HELP, FAILURE, RESOURCES, USAGE, code_for
+
+if TYPE_CHECKING:
+    import torch
+
+    from .placement import DeviceSpec, Footprint
+
+DEFAULT_OVERHEAD = "2GiB"  # placement_sizes.DEFAULT_OVERHEAD_BYTES (kept equal by a test; that module imports torch)
 
 
-@click.group()
+@click.group(context_settings=CONTEXT_SETTINGS, epilog=EXIT_CODES_HELP)
+@version_option()
 def main() -> None:
     """Tools for running NVIDIA's NVLM-D from its published checkpoint."""
 
 
 def _gpu_list(ctx: click.Context, param: click.Parameter, value: str) -> list[DeviceSpec]:
+    from .devices import parse_gpu_spec
+    from .errors import NVLMError
+
     try:
         return parse_gpu_spec(value)
     except NVLMError as e:
         raise click.BadParameter(str(e), ctx=ctx, param=param) from e
 
 
-@main.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from .devices import parse_bytes
+    from .errors import NVLMError
+
+    if value is not None:
+        try:
+            if parse_bytes(value) <= 0:
+                raise click.BadParameter(f"{value!r} is not a positive size like '70GiB'", ctx=ctx, param=param)
+        except NVLMError as e:
+            raise click.BadParameter(str(e), ctx=ctx, param=param) from e
+    return value
+
+
+@main.command(cls=QuietCommand)
+@click.argument("model")
 @click.option("-g", "--gpus", required=True, metavar="SPEC", callback=_gpu_list,
-              help="The GPUs: '4x80GB', '2xH200', '80GB,80GB,40GB', '2xA100-80GB'. Sizes as labelled (80GB = 80 GiB).")
+              help="The GPUs: '4x80GB', '2xH200', '80GB,80GB,40GB', '2xA100-80GB'. Sizes as labelled (80GB = 80 GiB); "
+                   "a named GPU also gives its compute capability (FP8 needs 8.9+: not A100).")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
               help="Compute dtype of the weights (and of the KV cache).")
-@click.option("-q", "--quantization", type=click.Choice(["none", *SCHEMES]), default="none", show_default=True,
+@click.option("-q", "--quantization", type=click.Choice(["none", *QUANTIZATIONS]), default="none", show_default=True,
               help="Format of the decoder layers' linear weights.")
-@click.option("-c", "--context-length", type=click.IntRange(min=1), default=None,
+@click.option("-c", "--context-length", type=click.IntRange(min=1), default=None, metavar="N",
               help="Tokens per sequence (prompt + answer) to hold KV cache for. [default: the checkpoint's 32,768]")
-@click.option("-b", "--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Sequences decoded together.")
-@click.option("--cpu-offload", metavar="SIZE", default=None,
+@click.option("-b", "--max-batch", "--batch-size", "batch_size", type=click.IntRange(min=1), default=1,
+              show_default=True, metavar="N", help="Sequences decoded together.")
+@click.option("--cpu-offload", metavar="SIZE", default=None, callback=_size,
               help="Let decoder layers the GPUs cannot hold go to the CPU, up to SIZE of host memory (slow). "
                    "GB = 10^9 bytes, GiB = 2^30.")
+@click.option("--split", type=click.Choice(["balanced", "card"]), default="balanced", show_default=True,
+              help="'balanced': layers shared by memory, each GPU within its capacity; 'card': exactly the model "
+                   "card's split_model() (GPU 0 counted as half a GPU, shares rounded up, the last layer on GPU 0).")
 @click.option("--first-device-share", type=click.FloatRange(0, 1), default=0.5, show_default=True,
-              help="The first GPU's weight in the layer split (it also holds the vision tower).")
-@click.option("--overhead", metavar="SIZE", default=f"{DEFAULT_OVERHEAD_BYTES // GIB}GiB", show_default=True,
+              help="The first GPU's weight in the balanced split (it also holds the vision tower).")
+@click.option("--overhead", metavar="SIZE", default=DEFAULT_OVERHEAD, show_default=True, callback=_size,
               help="Fixed reserve per device (CUDA context, workspaces, fragmentation).")
-def plan(path: Path, gpus: list[DeviceSpec], dtype: str, quantization: str, context_length: int | None, batch_size: int,
-         cpu_offload: str | None, first_device_share: float, overhead: str) -> None:
+@click.option("--revision", metavar="REV", default=None, help="Branch, tag or commit of a Hugging Face id.")
+@click.option("--download", is_flag=True,
+              help="Fetch a Hugging Face id's config.json and tensor index if the cache lacks them (a few hundred KB).")
+@click.option("--debug", is_flag=True, help="Show a traceback on unexpected errors.")
+def plan(model: str, gpus: list[DeviceSpec], dtype: str, quantization: str, context_length: int | None,
+         batch_size: int, cpu_offload: str | None, split: str, first_device_share: float, overhead: str,
+         revision: str | None, download: bool, debug: bool) -> None:
     """Show where NVLM-D goes on GPUS and how much context fits.
 
-    PATH is a checkpoint folder, or a folder with just its config.json and
-    model.safetensors.index.json. Exits 1 with the reason and what would fit when it does not fit.
+    MODEL is a checkpoint folder (or one with just its config.json and model.safetensors.index.json),
+    or a Hugging Face id such as nvidia/NVLM-D-72B found in the local cache. Prints the plan, how
+    its split differs from the model card's, and the nvlm-chat command that runs it; when it does
+    not fit, the reason and commands that would fit (exit 5).
     """
+    ctx = click.get_current_context()
+    if split == "card" and cpu_offload:
+        raise click.UsageError("--split card places layers on GPUs only (the card has no CPU offload); drop "
+                               "--cpu-offload, or use --split balanced.")
+    if split == "card" and ctx.get_parameter_source("first_device_share") is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--first-device-share applies to --split balanced; the card always counts GPU 0 as 0.5.")
     try:
-        devices = list(gpus)
-        if cpu_offload:
-            devices.append(DeviceSpec("cpu", parse_bytes(cpu_offload), "host memory"))
-        footprint = load_footprint(path, dtype=resolve_dtype(dtype, torch.device("cuda")), quantization=quantization)
-        context = context_length or footprint.config.llm.max_position_embeddings
-        result = plan_placement(footprint, devices, context_length=context, batch_size=batch_size,
-                                first_device_share=first_device_share, overhead_bytes=parse_bytes(overhead))
-    except NVLMError as e:
-        raise click.ClickException(str(e)) from e
-    click.echo(format_plan(result, title=path.resolve().name))
+        click.echo(_plan(model, gpus, dtype=dtype, quantization=None if quantization == "none" else quantization,
+                         context_length=context_length, batch_size=batch_size, cpu_offload=cpu_offload, split=split,
+                         first_device_share=first_device_share, overhead=overhead, revision=revision,
+                         download=download))
+    except (click.ClickException, click.exceptions.Exit, KeyboardInterrupt, BrokenPipeError):
+        raise
+    except Exception as e:
+        if debug:
+            raise
+        raise _failure(e) from e
+
+
+def _plan(model: str, gpus: list[DeviceSpec], *, dtype: str, quantization: str | None, context_length: int | None,
+          batch_size: int, cpu_offload: str | None, split: str, first_device_share: float, overhead: str,
+          revision: str | None, download: bool) -> str:
+    """The `plan` command's output; library errors propagate (`_failure` words them)."""
+    import torch
+
+    from .devices import parse_bytes, resolve_dtype
+    from .hub import PLAN_FILES, display_name, resolve_checkpoint
+    from .placement import DeviceSpec, PlanError, plan_placement
+    from .plan_report import Asked, fix_commands, format_plan, split_note
+
+    folder = resolve_checkpoint(model, revision=revision, download=download, files=PLAN_FILES)
+    footprint = load_footprint(folder, dtype=resolve_dtype(dtype, torch.device("cuda")), quantization=quantization)
+    limit = footprint.config.llm.max_context_length()
+    if context_length is not None and context_length > limit:
+        raise click.BadParameter(f"{context_length:,} is beyond NVLM-D's {limit:,} tokens (RoPE x3 with dynamic "
+                                 "scaling)", param_hint="'--context-length'")
+    devices = list(gpus)
+    if cpu_offload:
+        devices.append(DeviceSpec("cpu", parse_bytes(cpu_offload), "host memory"))
+    settings: dict[str, Any] = {"context_length": context_length or footprint.config.llm.max_position_embeddings,
+                                "batch_size": batch_size, "overhead_bytes": parse_bytes(overhead)}
+    asked = Asked(model=model, revision=revision, dtype=dtype, quantization=quantization,
+                  context_length=context_length, batch_size=batch_size, cpu_offload=cpu_offload, split=split)
+    try:
+        result = plan_placement(footprint, devices, first_device_share=first_device_share, split=split, **settings)
+    except PlanError as e:
+        commands = fix_commands(e, asked, [(g.label or f"{g.memory_bytes / 2**30:g}GiB", g.memory_bytes) for g in gpus])
+        message = e.problem if commands else str(e)
+        if commands:
+            message += "\nWhat would fit (each command runs as is):\n" + "\n".join(f"  {c}" for c in commands)
+        raise _Failure(message, RESOURCES) from e
+    card_fits = None
+    if split == "balanced" and len(gpus) > 1 and not cpu_offload:
+        try:
+            plan_placement(footprint, devices, split="card", suggest=False, **settings)
+            card_fits = True
+        except PlanError:
+            card_fits = False
+    return format_plan(result, title=display_name(model, folder), split=split_note(result, gpus, card_fits=card_fits),
+                       asked=asked)
+
+
+class _Failure(click.ClickException):
+    """A one-line (or few-line) failure with its exit code from the shared table."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _failure(error: Exception) -> click.ClickException:
+    """A library error as a click error with the shared exit code; anything else is an internal error."""
+    from .errors import NVLMError
+
+    if isinstance(error, NVLMError):
+        return _Failure(str(error), code_for(error))
+    code = code_for(error)
+    if code in (FAILURE, USAGE):
+        return _Failure(f"internal error: {type(error).__name__}: {error} (rerun with --debug and report it)", FAILURE)
+    return _Failure(f"{type(error).__name__}: {error}", code)
 
 
 def load_footprint(path: Path, *, dtype: torch.dtype, quantization: str | None) -> Footprint:
     """Tensor sizes of the checkpoint in `path`: shard headers when the shards are there, else the index."""
+    import torch
+
+    from .checkpoint import INDEX_FILE, check_tensors, files_inside, index_entry, infer_dummy_heads, read_tensor_infos
+    from .config import NVLMConfig
+    from .errors import CheckpointError
+    from .placement import Footprint
+    from .quantization import get_scheme
+
     config = NVLMConfig.from_folder(path)
     scheme = get_scheme(quantization)
     index = path / INDEX_FILE
@@ -92,7 +198,7 @@ def load_footprint(path: Path, *, dtype: torch.dtype, quantization: str | None) 
             data = json.loads(index.read_text(encoding="utf-8"))
             weight_map = data["weight_map"]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise NVLMError(f"{index} is not a valid safetensors index ({e}); re-download it.") from e
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e}); re-download it.") from e
         names, stored_bytes = list(weight_map), (data.get("metadata") or {}).get("total_size")
         # The loader's own path rules: relative names inside the folder, no links leading out.
         shards = sorted({index_entry(path, name) for name in weight_map.values()})
@@ -109,62 +215,11 @@ def load_footprint(path: Path, *, dtype: torch.dtype, quantization: str | None) 
         model = NVLMModel(config)
     check_tensors(model, infos)
     stored = sum(path.stat().st_size for path in shards)
-    return Footprint.from_model(model, dtype=dtype, quantization=scheme, stored_dtypes={n: i.dtype for n, i in infos.items()},
+    stored_dtypes = {n: i.dtype for n, i in infos.items()}
+    return Footprint.from_model(model, dtype=dtype, quantization=scheme, stored_dtypes=stored_dtypes,
                                 stored_bytes=stored_bytes or stored)
 
 
-def format_plan(plan: Plan, *, title: str = "NVLM-D") -> str:
-    """The plan as a text table: per device its modules, GiB of weights, GiB left for KV cache, context that fits."""
-    fp = plan.footprint
-    form = fp.quantization.name if fp.quantization else str(fp.dtype).removeprefix("torch.")
-    gpus = [d.device for d in plan.devices if not d.device.is_cpu]
-    kinds = sorted({(g.label or format_gib(g.memory_bytes), g.memory_bytes) for g in gpus}, key=lambda k: -k[1])
-    hardware = ", ".join(f"{sum(1 for g in gpus if g.memory_bytes == m and (g.label or format_gib(m)) == label)} x "
-                         f"{label} ({format_gib(m)})" for label, m in kinds)
-    parts = fp.part_bytes()
-    disk = f"; {format_gib(fp.stored_bytes)} on disk" if fp.stored_bytes else ""
-    lines = [
-        f"{title}: {hardware or 'CPU'}, {form}, context {plan.context_length:,} tokens x batch {plan.batch_size}",
-        f"weights {format_gib(fp.total_bytes)} (vision {parts['vision'] / GIB:.1f}, projector {parts['projector'] / GIB:.1f}, "
-        f"LLM {parts['llm'] / GIB:.1f}{disk}); KV cache {fp.kv_bytes_per_token // 1024} KiB per token",
-        "",
-    ]
-    header = ("device", "GPU", "memory", "weights", "reserved", "KV room", "context fits", "modules")
-    rows = [header]
-    for d in plan.devices:
-        rows.append((
-            d.device.name, d.device.label or "-", f"{d.device.memory_bytes / GIB:.1f}", f"{d.weight_bytes / GIB:.1f}",
-            f"{(d.activation_bytes + d.overhead_bytes) / GIB:.1f}", f"{d.kv_room_bytes / GIB:.1f}",
-            f"{d.max_tokens:,}" if d.max_tokens is not None else "-", _modules(d.modules, len(d.layers)),
-        ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-    right = {2, 3, 4, 5, 6}
-    for row in rows:
-        cells = [cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))]
-        lines.append("  ".join([*cells, row[-1]]).rstrip())
-    overhead = plan.devices[0].overhead_bytes
-    lines.append(f"(GiB; reserved = {format_gib(overhead)} overhead + activations for prefilling "
-                 f"{plan.context_length:,} tokens x {plan.batch_size}; KV room = memory left for the KV cache; "
-                 f"context fits = tokens per sequence at batch {plan.batch_size})")
-    lines.append("")
-    limit = fp.config.llm.max_context_length()
-    longest = plan.max_context_tokens or 0
-    note = f"{min(longest, limit):,} tokens" + (f" (the model's limit; memory allows {longest:,})" if longest > limit else "")
-    lines.append(f"Fits. Longest context at batch {plan.batch_size}: {note}.")
-    lines.extend(f"Warning: {w}" for w in plan.warnings)
-    return "\n".join(lines)
 
-
-def _modules(units: tuple[str, ...], layer_count: int) -> str:
-    """'vision_model, mlp1, ..., layers 0-25, 79 (27)': short names, layer runs compressed."""
-    named = [u.rsplit(".", 1)[-1] for u in units if not u.startswith(LAYERS + ".")]
-    layers = [int(u.rsplit(".", 1)[-1]) for u in units if u.startswith(LAYERS + ".")]
-    runs: list[tuple[int, int]] = []
-    for i in layers:
-        if runs and runs[-1][1] == i - 1:
-            runs[-1] = (runs[-1][0], i)
-        else:
-            runs.append((i, i))
-    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
-    parts = [*named, f"layers {text} ({layer_count})"] if layers else named
-    return ", ".join(parts)
+if __name__ == "__main__":
+    main()

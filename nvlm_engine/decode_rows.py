@@ -28,7 +28,7 @@ class Row:
         self.index = index
         self.request = request
         self.options = request.options
-        self.stream = TextStream(decoder, request.options.stop)
+        self.stream = TextStream(decoder, request.options.stop, strip_leading=not request.options.continuation)
         self.generated: list[int] = []
         self.logprobs: list[TokenLogprob] = []  # one per generated token, when asked
         self.unsent = 0  # logprobs not yet handed out in a delta
@@ -41,6 +41,7 @@ class Row:
         self.embeds: torch.Tensor | None = None  # [1, S, hidden] while its prompt is prefilled
         self.logits: torch.Tensor | None = None  # [V] after its prefill, until sampled
         self.next_token = -1  # the token the next decode step feeds
+        self.looked_up = False  # its prefix lookup was counted (a waiting request looks again uncounted)
 
     def take_logprobs(self) -> tuple[TokenLogprob, ...]:
         """The logprobs recorded since the last call (the next delta's)."""

@@ -7,6 +7,7 @@ matches everything. `resolve_placement()` turns what a user passes into such a m
 - `"cpu"`, `"cuda:1"`: everything on that device (a GPU is checked to hold the model first);
 - `"auto"`: every visible GPU (or those in `max_memory`), placed by the planner (`placement.py`)
   from the memory each has free; the CPU when there is no GPU;
+- `"card"`: the same GPUs, split exactly as the model card's `split_model()` (`placement_card.py`);
 - a list of devices: the planner over those, in that order (a `"cpu"` entry is an explicit
   offload target for layers the GPUs cannot hold);
 - an explicit `{prefix: device}` map (the model card's `split_model()` output works as is):
@@ -15,7 +16,8 @@ matches everything. `resolve_placement()` turns what a user passes into such a m
 
 The forward pass moves activations between devices itself (`NVLMModel.forward_llm`), so applying
 a plan is nothing more than loading each tensor onto the device this map names: no hooks.
-This module also reads GPU lists for the planner CLI: `"4x80GB"`, `"2xH200"`, `"80GB,80GB,40GB"`.
+This module also reads GPU lists for the planner CLI: `"4x80GB"`, `"2xH200"`, `"80GB,80GB,40GB"`;
+a named GPU also brings its compute capability (`GPU_CAPABILITY`: FP8 needs 8.9+).
 """
 
 from __future__ import annotations
@@ -44,6 +46,14 @@ GPU_PRESETS_MIB = {
     "H100-NVL": 95830, "H100-94GB": 95830, "H200": 143771, "H20": 97871, "B200": 183359,
     "L40S": 46068, "L40": 46068, "A40": 46068, "A6000": 49140, "RTX6000ADA": 49140,
     "L4": 23034, "A10G": 23028, "RTX4090": 24564, "RTX3090": 24576,
+}
+
+# CUDA compute capability of the GPUs above (Ampere 8.0/8.6, Ada 8.9, Hopper 9.0, Blackwell 10.0).
+GPU_CAPABILITY = {
+    "A100-40GB": (8, 0), "A100": (8, 0), "A100-80GB": (8, 0), "H100": (9, 0), "H100-80GB": (9, 0),
+    "H100-NVL": (9, 0), "H100-94GB": (9, 0), "H200": (9, 0), "H20": (9, 0), "B200": (10, 0),
+    "L40S": (8, 9), "L40": (8, 9), "A40": (8, 6), "A6000": (8, 6), "RTX6000ADA": (8, 9),
+    "L4": (8, 9), "A10G": (8, 6), "RTX4090": (8, 9), "RTX3090": (8, 6),
 }
 
 
@@ -88,12 +98,21 @@ def resolve_placement(
     batch_size: int = 1,
     quantization: QuantizationScheme | None = None,
     stored_dtypes: Mapping[str, str] | None = None,
+    vision_replicas: bool = False,
 ) -> Placement:
     """Decide the device of every module of `model` (built on `meta`) and the compute dtype.
+
+    `vision_replicas`: plan a copy of the vision tower on every GPU (see `plan_placement`).
 
     Raises:
         DeviceMapError: a device or map that cannot be used. PlanError: the model does not fit.
     """
+    split = "card" if isinstance(device_map, str) and device_map == "card" else "balanced"
+    if split == "card":
+        device_map = "auto"
+        if not local_gpus(max_memory):
+            raise DeviceMapError("device_map='card' splits the model over the GPUs as the model card's split_model() "
+                                 "does, and no GPU is visible here (or listed in max_memory); use 'cpu' or 'auto'.")
     if isinstance(device_map, Mapping):
         mapping = validate_device_map(device_map, _units(model))
         compute_dtype = resolve_dtype(dtype, mapping[""])
@@ -107,7 +126,8 @@ def resolve_placement(
         return Placement({"": torch.device("cpu")}, compute_dtype, None)
     footprint = Footprint.from_model(model, dtype=compute_dtype, quantization=quantization,
                                      stored_dtypes=dict(stored_dtypes or {}))
-    plan = plan_placement(footprint, specs, context_length=context_length, batch_size=batch_size)
+    plan = plan_placement(footprint, specs, context_length=context_length, batch_size=batch_size, split=split,
+                          vision_replicas=vision_replicas)
     for warning in plan.warnings:
         logger.warning(warning)
     logger.info("placement: %s", "; ".join(
@@ -168,7 +188,8 @@ def local_gpus(max_memory: MaxMemory | None = None) -> list[DeviceSpec]:
         if max_memory and budget is None:
             continue
         free, _total = torch.cuda.mem_get_info(index)
-        specs.append(DeviceSpec(str(device), budget if budget is not None else free, torch.cuda.get_device_name(index)))
+        specs.append(DeviceSpec(str(device), budget if budget is not None else free, torch.cuda.get_device_name(index),
+                                _capability(index)))
     return specs
 
 
@@ -176,7 +197,8 @@ def parse_gpu_spec(text: str) -> list[DeviceSpec]:
     """GPUs from a short description: "4x80GB", "2xH200", "80GB,80GB,40GB", "2xA100-80GB,1xL40S".
 
     Sizes are GPU memory as labelled, which is binary: "80GB" is 80 GiB (nvidia-smi's 81920 MiB).
-    "GiB", "MiB" and "TB" work too. Named GPUs use the memory nvidia-smi reports for them.
+    "GiB", "MiB" and "TB" work too. Named GPUs use the memory nvidia-smi reports for them and
+    carry their compute capability ("1xA100" is 8.0, so no FP8); a size alone leaves it unknown.
     """
     specs: list[DeviceSpec] = []
     for item in (part.strip() for part in text.split(",")):
@@ -186,7 +208,7 @@ def parse_gpu_spec(text: str) -> list[DeviceSpec]:
         count = int(match.group(1) or 1)
         memory, label = _gpu_memory(match.group(2).strip())
         for _ in range(count):
-            specs.append(DeviceSpec(f"cuda:{len(specs)}", memory, label))
+            specs.append(DeviceSpec(f"cuda:{len(specs)}", memory, label, GPU_CAPABILITY.get(label)))
     if not specs:
         raise DeviceMapError(f"GPU list {text!r} names no GPU.")
     return specs
@@ -306,6 +328,15 @@ def _memory_for(max_memory: MaxMemory | None, device: torch.device) -> int | Non
     return None
 
 
+def _capability(index: int) -> tuple[int, int] | None:
+    """GPU `index`'s compute capability, or None when the driver cannot tell (the planner then assumes nothing)."""
+    try:
+        major, minor = torch.cuda.get_device_capability(index)
+    except (RuntimeError, AssertionError):
+        return None
+    return int(major), int(minor)
+
+
 def _gpu_memory(text: str) -> tuple[int, str]:
     """(bytes, label) of one GPU entry: a preset name or a labelled size."""
     key = text.upper().replace(" ", "").replace("_", "-")
@@ -324,6 +355,7 @@ def _gpu_memory(text: str) -> tuple[int, str]:
 
 
 __all__ = [
+    "GPU_CAPABILITY",
     "GPU_PRESETS_MIB",
     "DeviceMapError",
     "DeviceMapLike",

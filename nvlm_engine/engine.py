@@ -22,23 +22,22 @@ from typing import Any
 
 import torch
 
-from .checkpoint import check_tensors, fill_model, find_weight_files, infer_dummy_heads, read_tensor_infos
 from .config import NVLMConfig
-from .devices import DeviceMapLike, Placement, device_for, resolve_placement
-from .errors import ContextLengthError
 from .cores import CorePool, DecodeSettings
+from .devices import DeviceMapLike
+from .errors import ContextLengthError
 from .generation import DecodeCore, Delta, GenerationResult, PreparedRequest, TokenIds, decode_requests
 from .image_cache import image_key
-from .hub import display_name, resolve_checkpoint
 from .images import load_image
-from .load_progress import LoadProgress, check_progress, hub_progress, shard_progress
+from .load_progress import LoadProgress
+from .loading import load_checkpoint
 from .model import NVLMModel
 from .prompt_messages import parse_chat_messages
 from .prompts import ImageSlot, PromptBuilder, PromptDialect, PromptMessage
-from .quantization import QuantizationScheme, QuantizingLoader, check_runtime, get_scheme
+from .quantization import QuantizationScheme
 from .sampling import DEFAULT_MAX_NEW_TOKENS, TokenConstraint, make_options
 from .tiling import preprocess_image, share_tile_budget
-from .tokenizer import SpecialTokens, load_tokenizer
+from .tokenizer import SpecialTokens
 
 logger = logging.getLogger(__name__)
 
@@ -139,9 +138,27 @@ class NVLMEngine:
         self.decoding = decoding or DecodeSettings()
         self.cores = CorePool(model, tokenizer, self.token_ids, context_length=context_length, settings=self.decoding)
 
+    def with_dialect(self, dialect: PromptDialect | str) -> NVLMEngine:
+        """A view of this engine that renders prompts in `dialect`; it shares the weights, the
+        decode cores and their caches (a prompt's KV is the same whichever view prepared it)."""
+        view = NVLMEngine(self.model, self.tokenizer, context_length=self.context_length, dialect=dialect,
+                          system_prompt=None, images=self.images, name=self.name, decoding=self.decoding)
+        view.cores = self.cores
+        return view
+
     def new_core(self, *, max_slots: int | None = None) -> DecodeCore:
         """A decode core of its own for a long-lived owner (the scheduler's worker thread)."""
         return self.cores.new_core(max_slots=max_slots)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes, if any (nothing to do in one process).
+
+        Afterwards a tensor-parallel engine fails every request with `TensorParallelError`;
+        the workers are also stopped at interpreter exit.
+        """
+        link = getattr(self.model, "tp_link", None)
+        if link is not None:
+            link.close()
 
     def cache_stats(self) -> dict[str, int]:
         """Prefix-cache and image-cache counters of every core of this engine (see `CorePool.stats`)."""
@@ -169,6 +186,8 @@ class NVLMEngine:
         allow_pickle: bool = False,
         progress: LoadProgress = None,
         decoding: DecodeSettings | None = None,
+        vision_replicas: bool = False,
+        tensor_parallel: int = 1,
     ) -> NVLMEngine:
         """Load a checkpoint in the published NVLM-D layout: a folder, or a Hugging Face repo id.
 
@@ -218,6 +237,15 @@ class NVLMEngine:
             decoding: prefix and image caching, prefill chunk size, KV cache bounds, compiled
                 decode steps (`DecodeSettings`); the KV cache is bounded by the memory the
                 placement plan leaves unless `decoding.kv_tokens` is set.
+            vision_replicas: with several GPUs, plan and load a copy of the vision tower and
+                projector on each, so the tiles of a batch are encoded on all of them at once
+                (costs each GPU the tower's weights, ~11 GiB in bf16 for InternViT-6B).
+            tensor_parallel: split every decoder layer over this many processes (Megatron-style,
+                `nvlm_engine.tensor_parallel`), one per GPU ("auto"/"cuda": cuda:0..N-1, NCCL) or
+                all on the CPU ("cpu", gloo); 1, the default, is one process (the layer split).
+                It must divide the query heads, KV heads and intermediate size (1/2/4/8 for
+                NVLM-D-72B). Workers are separate processes started here: call `close()` when
+                done, and guard a script's entry point with `if __name__ == "__main__":`.
 
         Raises:
             CheckpointError: a missing, incomplete or mismatched checkpoint (CheckpointNotFoundError:
@@ -226,66 +254,18 @@ class NVLMEngine:
             DeviceMapError: a
             device or map that cannot be used. PlanError: the model does not fit as asked.
             QuantizationError: a quantization this machine cannot run.
+            TensorParallelOptionsError: a `tensor_parallel` size or combination that cannot be used.
+            TensorParallelError: a worker process failed to load its shard.
         """
-        # 1. Arguments that fail without reading anything.
-        scheme = get_scheme(quantization)
-        if scheme is not None:
-            check_runtime(scheme, [])  # CUDA (and bitsandbytes) present at all
-        check_progress(progress)
-        folder = resolve_checkpoint(path, revision=revision, download=download, progress=hub_progress(progress))
-        started = time.perf_counter()
-        # 2. Config, tokenizer, tensor headers; the model on `meta`, checked against the headers.
-        config = NVLMConfig.from_folder(folder)
-        weight_files = find_weight_files(folder, allow_pickle=allow_pickle)
-        infos = read_tensor_infos(weight_files, allow_pickle=allow_pickle)
-        config = infer_dummy_heads(config, infos)  # also checks config.json's sizes against the headers
-        # After the sizes are checked: the tokenizer may not have more tokens than embedding rows.
-        tokenizer = load_tokenizer(folder, max_tokens=config.llm.vocab_size)
-        limit = config.llm.max_context_length()
-        context_length = context_length or config.llm.max_position_embeddings
-        if not 0 < context_length <= limit:
-            raise ContextLengthError(
-                f"context_length {context_length} is outside 1..{limit} (RoPE supports up to "
-                f"{config.llm.max_position_embeddings} x {config.llm.rope_scaling_factor} with dynamic scaling).",
-                prompt_tokens=0, max_new_tokens=0, context_length=limit,
-            )
-        with torch.device("meta"):
-            model = NVLMModel(config, context_length=context_length)
-        check_tensors(model, infos)
-        # 3. The placement plan, from the real tensor shapes and stored dtypes.
-        placement = resolve_placement(
-            device_map, model, dtype=dtype, max_memory=max_memory, context_length=context_length,
-            batch_size=batch_size, quantization=scheme, stored_dtypes={n: i.dtype for n, i in infos.items()},
+        loaded = load_checkpoint(
+            path, revision=revision, download=download, device_map=device_map, dtype=dtype, max_memory=max_memory,
+            context_length=context_length, batch_size=batch_size, quantization=quantization,
+            allow_pickle=allow_pickle, progress=progress, decoding=decoding, vision_replicas=vision_replicas,
+            tensor_parallel=tensor_parallel,
         )
-        devices, compute_dtype = placement.device_map, placement.dtype
-        if scheme is not None:
-            check_runtime(scheme, _layer_devices(config, devices))
-        # 4. Each tensor straight to its device (quantized decoder linears via a staging copy).
-        head = "language_model.lm_head.weight"
-        # CPU GEMM kernels read a column-major [hidden, vocab] LM head much faster for small
-        # decode batches (measured 1.2x at batch 1, 1.7x at batch 8 with a 152k vocabulary).
-        column_major = frozenset({head}) if device_for(head, devices).type == "cpu" else frozenset()
-        loader = QuantizingLoader(model, scheme, lambda n: device_for(n, devices), compute_dtype) if scheme else None
-        name = display_name(path, folder)
-        with shard_progress(progress, weight_files, title=name) as report:
-            fill_model(model, infos, device_of=loader.device_of if loader else (lambda n: device_for(n, devices)),
-                       dtype=compute_dtype, column_major=column_major, progress=_with_quantization(report, loader))
-        if loader is not None:
-            loader.finish()
-        _rebuild_rotary(model, device_for("language_model.model.rotary_emb", devices))
-        model.prepare_for_inference()
-        logger.info("loaded %s in %.1fs on %s as %s%s", folder, time.perf_counter() - started,
-                    sorted({str(d) for d in devices.values()}), compute_dtype,
-                    f" ({scheme.name} decoder linears)" if scheme else "")
-        images = ImagePolicy(
-            max_tiles=max_tiles or config.max_dynamic_patch,
-            allow_url_fetch=allow_url_fetch,
-        )
-        decoding = decoding or DecodeSettings()
-        if decoding.kv_tokens is None:
-            decoding = replace(decoding, kv_tokens=_kv_token_budget(placement, context_length, batch_size))
-        return cls(model, tokenizer, context_length=context_length, dialect=dialect,
-                   system_prompt=system_prompt, images=images, name=name, decoding=decoding)
+        images = ImagePolicy(max_tiles=max_tiles or loaded.model.config.max_dynamic_patch, allow_url_fetch=allow_url_fetch)
+        return cls(loaded.model, loaded.tokenizer, context_length=loaded.context_length, dialect=dialect,
+                   system_prompt=system_prompt, images=images, name=loaded.name, decoding=loaded.decoding)
 
     # --- requests ------------------------------------------------------------------------
 
@@ -344,6 +324,7 @@ class NVLMEngine:
         max_tiles: int | None = None,
         cancel: threading.Event | None = None,
         constraint: TokenConstraint | None = None,
+        continue_final_message: bool | None = None,
     ) -> PreparedRequest:
         """Load and tile images, build prompt ids and check the context, before any model compute.
 
@@ -363,6 +344,10 @@ class NVLMEngine:
             cancel: an event another thread may set to stop this request.
             constraint: restricts each next token (a grammar matcher, see `TokenConstraint`);
                 the request ends when the constraint is done. One per request: it is stateful.
+            continue_final_message: the model continues the final assistant message (the prompt
+                ends with its text, turn left open) instead of answering in a new turn. None
+                (default): continue exactly when the conversation ends with an assistant message,
+                as OpenAI-style clients (lm-eval's chat models) send a prefix to continue.
 
         Raises:
             PromptError: malformed messages. ContextLengthError: prompt + max_new_tokens too long.
@@ -389,9 +374,14 @@ class NVLMEngine:
             for src in sources
         ]
         slots = iter([ImageSlot(t.num_tiles) for t in tiled])
+        if continue_final_message is None:
+            continue_final_message = bool(turns) and turns[-1][0] == "assistant"
         prompt = self.prompts.build(
-            [PromptMessage(role, tuple(next(slots) if p is None else p for p in parts)) for role, parts in turns]
+            [PromptMessage(role, tuple(next(slots) if p is None else p for p in parts)) for role, parts in turns],
+            add_generation_prompt=not continue_final_message, continue_final_message=continue_final_message,
         )
+        if continue_final_message:
+            sampling = replace(sampling, continuation=True)  # keep the continuation's leading whitespace
         total = len(prompt.token_ids) + sampling.max_new_tokens
         if total > self.context_length:
             raise ContextLengthError(
@@ -443,45 +433,3 @@ class NVLMEngine:
     def count_tokens(self, messages: Sequence[Message], *, max_tiles: int | None = None) -> int:
         """Prompt tokens of a conversation, image tokens included (images are read and tiled)."""
         return len(self.prepare(messages, max_new_tokens=1, max_tiles=max_tiles).prompt_ids)
-
-
-def _layer_devices(config: NVLMConfig, devices: Mapping[str, torch.device]) -> set[torch.device]:
-    """The devices holding decoder layers (where quantized linears would run)."""
-    return {device_for(f"language_model.model.layers.{i}", devices) for i in range(config.llm.num_hidden_layers)}
-
-
-def _kv_token_budget(placement: Placement, context_length: int, batch_size: int) -> int | None:
-    """KV cache tokens (all sequences) the devices can hold: the plan's KV room on its tightest device.
-
-    Without a plan, GPUs reserve what was asked (`batch_size` sequences of `context_length`)
-    and the CPU is not bounded here (its memory is the operating system's business).
-    """
-    if placement.plan is not None:
-        rooms = [d.kv_room_bytes // d.kv_bytes_per_token for d in placement.plan.devices if d.kv_bytes_per_token]
-        return max(min(rooms), context_length) if rooms else None
-    if any(d.type == "cuda" for d in placement.device_map.values()):
-        return context_length * max(batch_size, 1)
-    return None
-
-
-def _with_quantization(progress: ProgressCallback | None, loader: QuantizingLoader | None) -> ProgressCallback | None:
-    """The loader's per-shard callback: quantize the linears that shard completed, then report."""
-    if loader is None:
-        return progress
-
-    def after_shard(shard: Path, number: int, count: int) -> None:
-        loader.quantize_loaded()
-        if progress is not None:
-            progress(shard, number, count)
-
-    return after_shard
-
-
-def _rebuild_rotary(model: NVLMModel, device: torch.device) -> None:
-    """The rotary table is computed, not stored: build it on its device after the meta init."""
-    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
-
-    lm = model.language_model
-    lm.model.rotary_emb = Qwen2RotaryEmbedding(config=lm.config).to(device)
-    leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
-    assert not leftovers, f"tensors left on meta after loading: {leftovers[:5]}"

@@ -152,3 +152,20 @@ class HubOfflineError(HubDownloadError):
 
 class LoadOptionsError(NVLMError, ValueError):
     """An argument of `NVLMEngine.from_pretrained` has a value it cannot use (a `progress` of the wrong kind...)."""
+
+
+# --- tensor parallelism (`nvlm_engine.tensor_parallel`, `nvlm_engine.tp_executor`) -------
+
+
+class TensorParallelError(NVLMError):
+    """A tensor-parallel worker process exited or a collective failed; the engine was shut down.
+
+    Every rank holds part of every decoder layer, so the engine cannot go on with one missing:
+    its workers are stopped, its process group is destroyed, and every later request fails with
+    this error. Recreate the engine (`NVLMEngine.from_pretrained(..., tensor_parallel=N)`).
+    """
+
+
+class TensorParallelOptionsError(LoadOptionsError):
+    """`tensor_parallel` cannot be used as asked: a size that does not divide the model's heads, a
+    device map or option it does not support."""

@@ -27,13 +27,16 @@ disk, prompt formats or public API shapes.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from .batch_sampling import BatchSampler
+from .chunk_budget import ChunkBudget
 from .decode_rows import Row, failed_delta, record_token
 from .decoder import decode_step, prefill_chunk
 from .errors import RequestFailedError
@@ -49,6 +52,7 @@ from .image_cache import ImageEmbeddingCache, image_key
 from .kv_cache import KVCache, KVCacheFullError
 from .model import NVLMModel
 from .prefix_cache import PrefixIndex, content_keys
+from .slot_placement import SlotPlanner
 from .textstream import Decoder
 
 logger = logging.getLogger(__name__)
@@ -80,13 +84,16 @@ class DecodeCore:
         layers = lm.model.layers
         self.device = lm.lm_head.weight.device
         self.embed_device = lm.model.embed_tokens.weight.device
-        self._cache_args = dict(kv_heads=lm.config.num_key_value_heads, head_dim=layers[0].self_attn.head_dim,
-                                max_capacity=context_length, max_tokens=kv_tokens, max_slots=max_slots)
+        self._compile = compile
+        self._cache_args: dict[str, Any] = {
+            "kv_heads": lm.config.num_key_value_heads, "head_dim": layers[0].self_attn.head_dim,
+            "max_capacity": context_length, "max_tokens": kv_tokens, "max_slots": max_slots}
         self.kv = self._new_cache()
         self.sampler = BatchSampler(lm.lm_head.out_features, self.device, slots=1)
         self.prefix = PrefixIndex(enabled=prefix_caching)
         self.images = image_cache if image_cache is not None else ImageEmbeddingCache(0)
         self.chunk_tokens = max(1, chunk_tokens)
+        self.budget = ChunkBudget(self.chunk_tokens)
         self.tokens_per_tile = model.config.tokens_per_tile
         self.waiting: deque[Row] = deque()  # admitted, no slot yet (the cache is full)
         self.prefilling: deque[Row] = deque()  # holding a slot, prompt not yet all in the cache
@@ -101,8 +108,12 @@ class DecodeCore:
         return [layer.input_layernorm.weight.device for layer in self.model.language_model.model.layers]
 
     def _new_cache(self) -> KVCache:
-        return KVCache(self._layer_devices(), dtype=self.model.language_model.model.embed_tokens.weight.dtype,
-                       **self._cache_args)
+        link = getattr(self.model, "tp_link", None)  # tensor parallelism: the workers mirror every cache
+        make = KVCache if link is None else link.new_cache
+        cache = make(self._layer_devices(), dtype=self.model.language_model.model.embed_tokens.weight.dtype,
+                     **self._cache_args)
+        cache.static_addresses = self._compile
+        return cache
 
     def _follow_the_model(self) -> None:
         """Rebuild the (empty) cache if the model's layers moved since it was made (tests move them)."""
@@ -146,6 +157,9 @@ class DecodeCore:
         if request.pixel_values is not None and len(keys) != len(tiles):
             chunks = torch.split(request.pixel_values, list(tiles))
             keys = tuple(image_key(chunk) for chunk in chunks)
+        if request.pixel_values is not None and request.pixel_values.shape[0] != sum(tiles):
+            raise ValueError(f"the request has {request.pixel_values.shape[0]} tiles of pixels for images of "
+                             f"{list(tiles)} tiles")
         request.image_tiles, request.image_keys = tuple(tiles), tuple(keys)
         return content_keys(request.prompt_ids, self.ids.image, keys, tiles, self.tokens_per_tile)
 
@@ -183,51 +197,33 @@ class DecodeCore:
     def _holding(self) -> bool:
         return bool(self.prefilling or self.running or self.ready)
 
+    def _busy_slots(self) -> set[int]:
+        return {row.slot for row in (*self.prefilling, *self.ready) if row.slot is not None} | set(self.running)
+
     def _slot_for(self, row: Row, need: int) -> tuple[int, int]:
         """A slot for `row` and how many of its prompt positions already hold its KV there."""
-        match = self.prefix.lookup(row.keys, max_length=len(row.keys) - 1)
-        if match is not None and match.idle:
-            self.kv.ensure(self.kv.slots, need)
-            self.prefix.take(match.slot)
-            self.prefix.truncate(match.slot, match.length)
-            return match.slot, match.length
-        slot = self._free_slot(need)
-        if match is not None:  # the prefix is in a running row's slot: copy it, do not recompute it
-            self.kv.copy_prefix(match.slot, slot, match.length)
-            return slot, match.length
-        return slot, 0
-
-    def _free_slot(self, need: int) -> int:
-        busy = {row.slot for row in (*self.prefilling, *self.ready)} | set(self.running)
-        idle = set(self.prefix.idle_slots())
-        free = [s for s in range(self.kv.slots) if s not in busy and s not in idle]
-        if free and self.kv.fits(self.kv.slots, need):
-            self.kv.ensure(self.kv.slots, need)
-            return free[0]
-        if self.kv.fits(self.kv.slots + 1, need):
-            slot = self.kv.slots
-            self.kv.ensure(slot + 1, need)
-            return slot
-        victim = self.prefix.evict()  # the least recently used cached sequence gives way
-        if victim is None:
-            raise KVCacheFullError(f"no KV cache slot free for a sequence of {need} tokens")
-        self.kv.ensure(self.kv.slots, need)
-        return victim
+        match = self.prefix.lookup(row.keys, max_length=len(row.keys) - 1, count=not row.looked_up)
+        row.looked_up = True
+        return SlotPlanner(self.kv, self.prefix, self._busy_slots()).place(match, need)
 
     # --- one step ------------------------------------------------------------------------
 
     @torch.inference_mode()
     def step(self) -> list[Delta]:
         """Prefill one chunk's worth of prompts, sample a token per ready row, decode one step."""
+        started = time.perf_counter()
+        decoding = bool(self.running)
         deltas = self._place_waiting()
-        deltas += self._prefill()
-        deltas += self._sample()
+        prefilled, failed = self._prefill(self.budget.tokens(decoding=decoding))
+        deltas += failed + self._sample()
         self._decode()
+        self.budget.record(time.perf_counter() - started, prefilled=prefilled, decoded=decoding)
         return deltas
 
-    def _prefill(self) -> list[Delta]:
+    def _prefill(self, budget: int) -> tuple[int, list[Delta]]:
+        """Prefill up to `budget` prompt tokens; returns the tokens prefilled and the failures."""
         deltas: list[Delta] = []
-        budget = self.chunk_tokens
+        total = budget
         while budget > 0 and self.prefilling:
             row = self.prefilling[0]
             if row.request.cancel.is_set():
@@ -247,7 +243,7 @@ class DecodeCore:
                 row.embeds = None
                 row.logits = logits[0]
                 self.ready.append(row)
-        return deltas
+        return total - budget, deltas
 
     def _prefill_chunk(self, row: Row, budget: int) -> tuple[torch.Tensor | None, int]:
         """Prefill the next up-to-`budget` prompt tokens of `row`; logits once the prompt is all in."""
@@ -342,11 +338,10 @@ class DecodeCore:
         rows, window = (_bucket(top, 1), _bucket(longest, 256)) if self.compiled else (top, longest)
         window = min(window, self.kv.capacity)
         rows = min(rows, self.kv.slots)
-        step = torch.zeros((3, rows), dtype=torch.long)  # tokens, positions, write slots
-        step[0].fill_(self.ids.pad)
-        step[2].fill_(self.kv.scratch)
+        tokens, positions, writes = [self.ids.pad] * rows, [0] * rows, [self.kv.scratch] * rows
         for slot, row in self.running.items():
-            step[:, slot] = torch.tensor([row.next_token, row.length, slot])
+            tokens[slot], positions[slot], writes[slot] = row.next_token, row.length, slot
+        step = torch.tensor([tokens, positions, writes], dtype=torch.long)  # [3, rows], on the host
         if self.embed_device.type == "cuda" and torch.cuda.is_available():
             step = step.pin_memory()
         step = step.to(self.embed_device, non_blocking=True)  # host -> device: no sync

@@ -53,6 +53,9 @@ class KVCache:
         self.capacity = 0
         self.keys: list[torch.Tensor] = []  # per layer [slots + 1, H_kv, capacity, D]
         self.values: list[torch.Tensor] = []
+        self.static_addresses = False
+        """Mark each new tensor as a static address for `torch.compile`, so CUDA graphs can write
+        the cache in place (set by a core that compiles its decode step)."""
 
     @property
     def scratch(self) -> int:
@@ -63,35 +66,49 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
-    def fits(self, slots: int, capacity: int) -> bool:
-        """Whether the cache may grow to `slots` sequences of `capacity` tokens."""
-        slots, capacity = max(slots, self.slots), max(_grown(capacity, self.max_capacity), self.capacity)
-        if slots > self.max_slots or capacity > self.max_capacity:
-            return False
-        return self.max_tokens is None or (slots + 1) * capacity <= self.max_tokens
+    def fits(self, slots: int, capacity: int, *, used: int | None = None) -> bool:
+        """Whether the cache may be resized to hold `slots` sequences of `capacity` tokens.
 
-    def ensure(self, slots: int, capacity: int) -> None:
-        """Grow to at least `slots` sequences of `capacity` tokens (existing KV is kept).
+        `used`: only slots `0..used-1` hold anything (default: all of them); slots beyond may be
+        dropped to make room for a longer capacity.
+        """
+        slots, capacity = self._target(slots, capacity, used)
+        return slots <= self.max_slots and capacity <= self.max_capacity and self._within_budget(slots, capacity)
+
+    def ensure(self, slots: int, capacity: int, *, used: int | None = None) -> None:
+        """Resize to at least `slots` sequences of `capacity` tokens; the KV of slots `0..used-1` is kept.
+
+        Slots grow by doubling where the budget allows; when a longer capacity needs room, unused
+        slots beyond `used` are dropped (the budget is for slots x capacity, not each alone).
 
         Raises:
             KVCacheFullError: beyond `max_slots`, the context length or `max_tokens`.
         """
-        if slots <= self.slots and capacity <= self.capacity:
+        needed, new_capacity = self._target(slots, capacity, used)
+        if needed <= self.slots and new_capacity <= self.capacity:
             return
-        if not self.fits(slots, capacity):
+        if not self.fits(slots, capacity, used=used):
             raise KVCacheFullError(
-                f"the KV cache cannot hold {slots} sequence(s) of {capacity} tokens (at most {self.max_slots} "
+                f"the KV cache cannot hold {needed} sequence(s) of {new_capacity} tokens (at most {self.max_slots} "
                 f"sequences, {self.max_capacity} tokens each, {self.max_tokens or 'no limit on'} tokens in all); "
                 "wait for running requests to end, or lower max_new_tokens")
-        new_slots = max(slots, self.slots)
-        if new_slots > self.slots:  # doubling keeps growth copies rare
-            new_slots = min(max(new_slots, 2 * self.slots), self.max_slots)
-            while self.max_tokens is not None and new_slots > slots and (new_slots + 1) * capacity > self.max_tokens:
-                new_slots -= 1
-        new_capacity = max(_grown(capacity, self.max_capacity), self.capacity)
-        self.keys = [self._grow(t, new_slots, new_capacity, d) for t, d in zip(self._or_empty(self.keys), self.layer_devices)]
-        self.values = [self._grow(t, new_slots, new_capacity, d) for t, d in zip(self._or_empty(self.values), self.layer_devices)]
+        new_slots = max(needed, self.slots)
+        if needed > self.slots:  # doubling keeps growth copies rare
+            new_slots = min(max(needed, 2 * self.slots), self.max_slots)
+        while new_slots > needed and not self._within_budget(new_slots, new_capacity):
+            new_slots -= 1
+        keep = min(self.slots if used is None else used, new_slots)
+        self.keys = [self._grow(t, new_slots, new_capacity, d, keep) for t, d in zip(self._or_empty(self.keys), self.layer_devices)]
+        self.values = [self._grow(t, new_slots, new_capacity, d, keep) for t, d in zip(self._or_empty(self.values), self.layer_devices)]
         self.slots, self.capacity = new_slots, new_capacity
+
+    def _target(self, slots: int, capacity: int, used: int | None) -> tuple[int, int]:
+        """The slot count and capacity a resize for (`slots`, `capacity`) needs at least."""
+        kept = self.slots if used is None else min(used, self.slots)
+        return max(slots, kept), max(_grown(capacity, self.max_capacity), self.capacity)
+
+    def _within_budget(self, slots: int, capacity: int) -> bool:
+        return self.max_tokens is None or (slots + 1) * capacity <= self.max_tokens
 
     def copy_prefix(self, source: int, target: int, length: int) -> None:
         """Copy positions `0..length-1` of slot `source` into slot `target` (a shared prefix)."""
@@ -102,10 +119,12 @@ class KVCache:
     def _or_empty(self, tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
         return list(tensors) if tensors else [None] * len(self.layer_devices)
 
-    def _grow(self, old: torch.Tensor | None, slots: int, capacity: int, device: torch.device) -> torch.Tensor:
+    def _grow(self, old: torch.Tensor | None, slots: int, capacity: int, device: torch.device, keep: int) -> torch.Tensor:
         new = torch.zeros((slots + 1, self.kv_heads, capacity, self.head_dim), dtype=self.dtype, device=device)
-        if old is not None:  # the old scratch slot is not kept: it holds nothing
-            new[: self.slots, :, : self.capacity] = old[: self.slots]
+        if old is not None and keep:  # the old scratch slot is not kept: it holds nothing
+            new[:keep, :, : self.capacity] = old[:keep]
+        if self.static_addresses:
+            torch._dynamo.mark_static_address(new)
         return new
 
 

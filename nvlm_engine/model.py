@@ -11,7 +11,10 @@ Knows nothing of tokenizers, images on disk, sampling or streaming.
 
 from __future__ import annotations
 
+import copy
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,6 +23,26 @@ from .config import NVLMConfig
 from .vision import InternVisionModel
 
 logger = logging.getLogger(__name__)
+
+
+def _clone_to(module: nn.Module, device: torch.device) -> nn.Module:
+    """A copy of `module` on `device`, its tensors copied there directly (no second copy on the original's device)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    memo = {id(t): torch.empty_like(t, device="meta") for t in tensors}  # deepcopy copies structure, not data
+    clone = copy.deepcopy(module, memo)
+    with torch.no_grad():
+        for (owner, source), (copied, _) in zip(_tensor_slots(module), _tensor_slots(clone)):
+            table = copied._parameters if isinstance(source, nn.Parameter) else copied._buffers
+            name = next(n for n, t in (owner._parameters | owner._buffers).items() if t is source)
+            target = torch.empty_like(source, device=device)
+            target.copy_(source)
+            table[name] = target  # a plain tensor: an inference-only copy needs no autograd leaf
+    return clone.eval()
+
+
+def _tensor_slots(module: nn.Module) -> list[tuple[nn.Module, torch.Tensor]]:
+    """(owning submodule, tensor) of every parameter and buffer, in a fixed order."""
+    return [(m, t) for m in module.modules() for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
 
 
 def pixel_shuffle(x: torch.Tensor, ratio: float, version: str = "v2") -> torch.Tensor:
@@ -48,6 +71,10 @@ def pixel_shuffle(x: torch.Tensor, ratio: float, version: str = "v2") -> torch.T
 class NVLMModel(nn.Module):
     """NVLM-D with checkpoint-equal module names."""
 
+    # Tensor parallelism's hooks (`decoder.py`, `tp_executor.py`); None in one process.
+    tp_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    tp_link: Any = None
+
     def __init__(self, config: NVLMConfig, *, context_length: int | None = None) -> None:
         super().__init__()
         from transformers import Qwen2ForCausalLM
@@ -73,20 +100,41 @@ class NVLMModel(nn.Module):
 
     # --- vision --------------------------------------------------------------------------
 
+    def replicate_vision(self, devices: list[torch.device]) -> None:
+        """Put a copy of the vision tower and projector on each of `devices` (besides the original).
+
+        `encode_images` then spreads the tiles of a batch over every copy: kernels are queued
+        on all GPUs before any result is gathered, so the copies work at the same time. The
+        copies are not submodules (the checkpoint's names and the loader see only the original);
+        they are filled from the original's tensors, device to device.
+        """
+        self.vision_towers = [(self.vision_model, self.mlp1)]
+        home = self.vision_model.embeddings.patch_embedding.weight.device
+        for device in dict.fromkeys(devices):
+            if torch.device(device) != home:
+                self.vision_towers.append((_clone_to(self.vision_model, device), _clone_to(self.mlp1, device)))
+
     def encode_images(self, pixel_values: torch.Tensor, chunk_tiles: int = 16) -> torch.Tensor:
         """Tiles [T, 3, 448, 448] -> LLM-space image tokens [T * 256, hidden].
 
-        Tiles go through the vision tower `chunk_tiles` at a time to bound activation memory.
+        Tiles go through the vision tower `chunk_tiles` at a time to bound activation memory;
+        with copies of the tower on several GPUs (`replicate_vision`) the chunks are dealt out
+        to them in turn, smaller so that every copy gets work, and gathered in order.
         """
-        first = self.vision_model.embeddings.patch_embedding.weight
+        towers = getattr(self, "vision_towers", None) or [(self.vision_model, self.mlp1)]
+        total = pixel_values.shape[0]
+        if len(towers) > 1:
+            chunk_tiles = max(1, min(chunk_tiles, -(-total // len(towers))))
         outputs = []
-        for start in range(0, pixel_values.shape[0], chunk_tiles):
+        for number, start in enumerate(range(0, total, chunk_tiles)):
+            vision, projector = towers[number % len(towers)]
+            first = vision.embeddings.patch_embedding.weight
             tiles = pixel_values[start : start + chunk_tiles].to(device=first.device, dtype=first.dtype)
-            features = self.vision_model(tiles)  # [t, 1024, C]
+            features = vision(tiles)  # [t, 1024, C]
             features = pixel_shuffle(features, self.config.downsample_ratio, self.config.ps_version)
-            projector_device = self.mlp1[1].weight.device
-            outputs.append(self.mlp1(features.to(projector_device)))  # [t, 256, hidden]
-        return torch.cat(outputs).flatten(0, 1)
+            outputs.append(projector(features.to(projector[1].weight.device)))  # [t, 256, hidden]
+        home = self.mlp1[1].weight.device
+        return torch.cat([out.to(home) for out in outputs]).flatten(0, 1)
 
     # --- language model ------------------------------------------------------------------
 

@@ -24,6 +24,10 @@ Rules (the model card's `split_model`, SPEC section 8, generalized):
    GPUs cannot hold (a warning says how slow that is).
 6. A plan that cannot fit raises `PlanError` with the shortfall and what would fit.
 
+`split="card"` replaces rules 2-4 by the model card's own `split_model()` (`placement_card`): the
+same pinned modules, GPU 0 counted as half a GPU, every share rounded up, GPUs of any size
+treated alike; the plan is still checked to fit, and GPUs only (no CPU offload).
+
 This module is the planner. What the model takes in memory is counted in `placement_sizes`,
 the plan's data types are in `placement_plan`, and the error for a plan that cannot fit, with
 its suggestions, is worded in `placement_failure`; their public names are importable from here.
@@ -36,6 +40,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .placement_card import card_layer_owners
 from .placement_failure import plan_error
 from .placement_plan import DevicePlan, DeviceSpec, Plan, PlanError
 from .placement_sizes import (
@@ -51,6 +56,7 @@ from .placement_sizes import (
     max_tokens_that_fit,
     unit_of,
 )
+from .quantization import QuantizationError
 
 # The public names of the placement modules, importable from here as they always were.
 __all__ = [
@@ -82,6 +88,8 @@ def plan_placement(
     overhead_bytes: int = DEFAULT_OVERHEAD_BYTES,
     activation_bytes: int | None = None,
     suggest: bool = True,
+    split: str = "balanced",
+    vision_replicas: bool = False,
 ) -> Plan:
     """Place every module of NVLM-D on `devices` (see the module docstring for the rules).
 
@@ -96,13 +104,23 @@ def plan_placement(
         activation_bytes: working memory to reserve per device; None estimates it
             (`estimate_activation_bytes`) for prefilling `context_length x batch_size` tokens.
         suggest: on failure, try other settings and list those that fit (set False internally).
+        split: "balanced" (rules 2-4) or "card" (the model card's `split_model()`, GPUs only;
+            `first_device_share` does not apply).
+        vision_replicas: reserve room for a copy of the vision tower and projector on every
+            GPU that holds layers, so the tiles of a batch are encoded on all of them
+            (`Plan.vision_devices`); each copy costs its weights and the vision activations.
 
     Raises:
         PlanError: it does not fit (with shortfall and suggestions), or the inputs are invalid.
+        QuantizationError: an FP8 plan on a GPU known to be older than compute capability 8.9.
     """
     _check_inputs(footprint, devices, context_length, batch_size, first_device_share)
-    sizing = _Sizing(footprint, context_length, batch_size, overhead_bytes, activation_bytes)
+    sizing = _Sizing(footprint, context_length, batch_size, overhead_bytes, activation_bytes, vision_replicas)
     room = _room(sizing, devices)  # 1. what each device can take
+    if split == "card":
+        return _card_plan(sizing, room)
+    if split != "balanced":
+        raise PlanError(f"split={split!r} is not a split; use 'balanced' (the planner's) or 'card' (the model card's).")
     counts = _split_layers(room, footprint.num_layers, first_device_share)  # 2. how many layers each
     if counts is None:
         raise _failure(sizing, room, first_device_share, suggest)
@@ -110,7 +128,7 @@ def plan_placement(
     plans = _device_plans(sizing, room, layers)  # 4. totals per device
     return Plan(devices=plans, assignments=_assignments(room, layers), footprint=footprint,
                 context_length=context_length, batch_size=batch_size, first_device_share=first_device_share,
-                warnings=_offload_warnings(plans))
+                warnings=_offload_warnings(plans), vision_devices=_vision_devices(sizing, plans))
 
 
 @dataclass(frozen=True)
@@ -122,6 +140,17 @@ class _Sizing:
     batch_size: int
     overhead_bytes: int
     activation_bytes: int | None  # None: estimated per device
+    vision_replicas: bool = False  # every GPU holds a copy of the vision tower and projector
+
+    def runs_vision(self, position: int, device: DeviceSpec) -> bool:
+        """Whether the device at `position` holds a vision tower (the first, or a GPU with a copy)."""
+        return position == 0 or (self.vision_replicas and not device.is_cpu)
+
+    def replica_bytes(self, position: int, device: DeviceSpec) -> int:
+        """Weights of the vision copy on a device other than the first (0 without one)."""
+        if position == 0 or not self.runs_vision(position, device):
+            return 0
+        return self.footprint.unit_bytes["vision_model"] + self.footprint.unit_bytes["mlp1"]
 
     def activation(self, first: bool) -> int:
         """Working memory reserved on a device; `first`: it also runs the vision tower."""
@@ -162,7 +191,8 @@ def _room(sizing: _Sizing, devices: Sequence[DeviceSpec]) -> _Room:
     primary = gpus or [d for d in devices if d.is_cpu][:1]
     offload = [d for d in devices if d.is_cpu] if gpus else []
     pinned = sum(sizing.footprint.unit_bytes[u] for u in FIRST_DEVICE_MODULES)
-    fixed = [sizing.overhead_bytes + sizing.activation(i == 0) + (pinned if i == 0 else 0) for i in range(len(primary))]
+    fixed = [sizing.overhead_bytes + sizing.activation(sizing.runs_vision(i, d)) + (pinned if i == 0 else 0)
+             + sizing.replica_bytes(i, d) for i, d in enumerate(primary)]
     fixed += [sizing.overhead_bytes + sizing.activation(False) for _ in offload]
     listed, layer_cost = [*primary, *offload], sizing.layer_cost
     caps = [max(0, (d.memory_bytes - f) // layer_cost) for d, f in zip(listed, fixed)]
@@ -194,6 +224,29 @@ def _split_layers(room: _Room, n: int, first_device_share: float) -> list[int] |
         counts[counts.index(max(counts))] -= 1
         counts[0] = 1
     return [*counts, *offload_counts]
+
+
+def _card_plan(sizing: _Sizing, room: _Room) -> Plan:
+    """The model card's `split_model()` on these GPUs, checked to fit (see `placement_card`)."""
+    if room.offloads or room.devices[0].is_cpu:
+        raise PlanError("The model card's split places layers on GPUs only; drop the CPU devices (CPU offload), "
+                        "or use the balanced split, which can offload.")
+    n = sizing.footprint.num_layers
+    owners = card_layer_owners(n, len(room.devices))
+    layers = [tuple(i for i in range(n) if owners[i] == gpu) for gpu in range(len(room.devices))]
+    over = [(d, len(ls), cap) for d, ls, cap in zip(room.devices, layers, room.caps) if len(ls) > cap]
+    if over:
+        device, count, cap = over[0]
+        pinned = " beside the vision tower, embeddings and LM head" if device is room.devices[0] else ""
+        raise PlanError(
+            f"The model card's split puts {count} decoder layers on {device.name}, which has room for {cap}{pinned} "
+            f"with a {sizing.context_length:,}-token context x batch {sizing.batch_size}. Use the balanced split "
+            "(it weighs GPUs by memory), a shorter context, or a quantized format."
+        )
+    plans = _device_plans(sizing, room, layers)
+    return Plan(devices=plans, assignments=_assignments(room, layers), footprint=sizing.footprint,
+                context_length=sizing.context_length, batch_size=sizing.batch_size, first_device_share=0.5,
+                split="card", vision_devices=_vision_devices(sizing, plans))
 
 
 def _order_layers(counts: Sequence[int], n: int) -> list[tuple[int, ...]]:
@@ -230,19 +283,27 @@ def _device_plans(sizing: _Sizing, room: _Room, layers: Sequence[tuple[int, ...]
         if not indices and position > 0:
             continue
         first = position == 0
+        vision = sizing.runs_vision(position, device)
         modules = (*(FIRST_DEVICE_MODULES if first else ()), *(layer_unit(i) for i in indices))
-        weight = sum(fp.unit_bytes[u] for u in modules)
+        weight = sum(fp.unit_bytes[u] for u in modules) + sizing.replica_bytes(position, device)
         per_token = fp.kv_bytes_per_token_per_layer * len(indices)
         plans.append(DevicePlan(
             device=device, modules=modules, layers=indices, weight_bytes=weight,
-            kv_bytes=per_token * sizing.context_length * sizing.batch_size, activation_bytes=sizing.activation(first),
+            kv_bytes=per_token * sizing.context_length * sizing.batch_size, activation_bytes=sizing.activation(vision),
             overhead_bytes=sizing.overhead_bytes, kv_bytes_per_token=per_token,
             tensor_count=sum(tensors_by_unit.get(u, 0) for u in modules),
             max_tokens=max_tokens_that_fit(fp, device.memory_bytes, weight, per_token, sizing.overhead_bytes,
-                                           sizing.activation_bytes, sizing.batch_size, first=first),
+                                           sizing.activation_bytes, sizing.batch_size, first=vision),
         ))
         assert plans[-1].used_bytes <= device.memory_bytes, plans[-1]
     return tuple(plans)
+
+
+def _vision_devices(sizing: _Sizing, plans: Sequence[DevicePlan]) -> tuple[str, ...]:
+    """The devices that hold a vision tower when copies were asked for (none asked: empty)."""
+    if not sizing.vision_replicas:
+        return ()
+    return tuple(p.device.name for i, p in enumerate(plans) if sizing.runs_vision(i, p.device))
 
 
 def _offload_warnings(plans: Sequence[DevicePlan]) -> tuple[str, ...]:
@@ -265,7 +326,7 @@ def _failure(sizing: _Sizing, room: _Room, first_device_share: float, suggest: b
             plan_placement(footprint, devices, context_length=context_length, batch_size=batch_size,
                            first_device_share=first_device_share, overhead_bytes=sizing.overhead_bytes,
                            activation_bytes=sizing.activation_bytes, suggest=False)
-        except PlanError:
+        except (PlanError, QuantizationError):
             return False
         return True
 
@@ -292,6 +353,15 @@ def _check_inputs(footprint: Footprint, devices: Sequence[DeviceSpec], context_l
                         f"({limit} tokens with dynamic RoPE).")
     if not 0 <= share <= 1:
         raise PlanError(f"first_device_share must be within 0..1 (0.5 counts the first GPU as half), got {share}.")
+    scheme = footprint.quantization
+    if scheme is not None:
+        old = [(d, d.capability) for d in devices if d.capability is not None and d.capability < scheme.min_capability]
+        if old:
+            (device, (major, minor)), need = old[0], ".".join(map(str, scheme.min_capability))
+            raise QuantizationError(
+                f"quantization={scheme.name!r} needs CUDA compute capability {need}+, and {device.name} "
+                f"({device.label or 'this GPU'}) has {major}.{minor}; use 'bnb-8bit' or 'bnb-4bit' there."
+            )
 
 
 def _apportion(total: int, weights: Sequence[float], caps: Sequence[int]) -> list[int]:

@@ -3,12 +3,15 @@
 `plan_error` words the shortfall (the pinned modules on the first device, or the decoder layers
 no device has room for); `suggest_settings` searches nearby settings (more GPUs of the largest
 kind listed, bf16 instead of fp32, a quantized format, a shorter context, batch size 1). It
-tries them through a `FitsCheck` the planner hands in, so it never imports the planner.
+tries them through a `FitsCheck` the planner hands in, so it never imports the planner. Each
+suggestion is worded for Python users and also kept as data (`PlanError.fixes`) that command
+lines turn into flags. FP8 is never suggested for GPUs known to predate compute capability 8.9.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -16,10 +19,18 @@ from .placement_plan import DeviceSpec, PlanError
 from .placement_sizes import FIRST_DEVICE_MODULES, Footprint, format_gib
 from .quantization import get_scheme
 
-__all__ = ["FitsCheck", "plan_error", "suggest_settings"]
+__all__ = ["FitsCheck", "Suggestion", "plan_error", "suggest_settings"]
 
 FitsCheck = Callable[[Footprint, Sequence[DeviceSpec], int, int], bool]
 """(footprint, devices, context_length, batch_size) -> whether a plan fits, the other settings as asked."""
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """One setting that would fit: in words, and as {argument: value} (see `PlanError.fixes`)."""
+
+    text: str
+    fix: Mapping[str, object]
 
 
 def plan_error(footprint: Footprint, devices: Sequence[DeviceSpec], *, fixed: Sequence[int], caps: Sequence[int],
@@ -58,19 +69,24 @@ def plan_error(footprint: Footprint, devices: Sequence[DeviceSpec], *, fixed: Se
         f"weights, {format_gib(kv_total)} of KV cache, the rest activation and overhead reserves) and they offer "
         f"{format_gib(available)}; {what}, short by {format_gib(shortfall)}."
     )
-    suggestions = suggest_settings(footprint, devices, context_length, batch_size, fits) if fits else []
-    if suggestions:
-        message += " What would fit: " + "; ".join(suggestions) + "."
+    found = suggest_settings(footprint, devices, context_length, batch_size, fits) if fits else []
+    problem = message
+    if found:
+        message += " What would fit: " + "; ".join(s.text for s in found) + "."
     elif fits is not None:
         message += " Nothing close to these settings fits: use more or larger GPUs."
     return PlanError(message, shortfall_bytes=shortfall, required_bytes=required, available_bytes=available,
-                     suggestions=suggestions)
+                     suggestions=[s.text for s in found], fixes=[s.fix for s in found], problem=problem)
 
 
 def suggest_settings(footprint: Footprint, devices: Sequence[DeviceSpec], context_length: int, batch_size: int,
-                     fits: FitsCheck) -> list[str]:
-    """Settings close to the asked ones that fit: more GPUs, smaller formats, a shorter context or batch."""
-    found: list[str] = []
+                     fits: FitsCheck) -> list[Suggestion]:
+    """Settings close to the asked ones that fit: more GPUs, smaller formats, a shorter context or batch.
+
+    A format the GPUs cannot run is not suggested: FP8 only when no GPU is known to be older than
+    compute capability 8.9 (with a note when their capability is unknown).
+    """
+    found: list[Suggestion] = []
     gpus = [d for d in devices if not d.is_cpu]
     if gpus:
         model = max(gpus, key=lambda d: d.memory_bytes)
@@ -79,28 +95,33 @@ def suggest_settings(footprint: Footprint, devices: Sequence[DeviceSpec], contex
             more = [DeviceSpec(f"cuda:{i}", m) for i, m in enumerate(memories)]
             if fits(footprint, more, context_length, batch_size):
                 label = model.label or format_gib(model.memory_bytes)
-                found.append(f"{len(more)} GPUs ({extra} more of {label})")
+                found.append(Suggestion(f"{len(more)} GPUs ({extra} more of {label})", {"gpus": len(more)}))
                 break
     if footprint.dtype.itemsize > 2 and fits(footprint.resized(dtype=torch.bfloat16), devices, context_length,
                                               batch_size):
-        found.append("dtype='bfloat16'")
+        found.append(Suggestion("dtype='bfloat16'", {"dtype": "bfloat16"}))
     current = footprint.quantization.linear_bytes(64, 64) if footprint.quantization else None
+    capabilities = [d.capability for d in gpus]
     for name in ("bnb-8bit", "fp8", "bnb-4bit"):
         scheme = get_scheme(name)
         assert scheme is not None
         if current is not None and scheme.linear_bytes(64, 64) >= current:
             continue
+        if any(c is not None and c < scheme.min_capability for c in capabilities):
+            continue  # e.g. FP8 on an A100 (8.0): it cannot run there
         smaller = footprint.resized(quantization=scheme)
         if fits(smaller, devices, context_length, batch_size):
-            note = " (CUDA compute capability 8.9+: L40, H100, H200, B200; not A100)" if name == "fp8" else ""
-            found.append(f"quantization='{name}'{note}: {format_gib(smaller.total_bytes)} of weights")
+            unknown = name == "fp8" and (not capabilities or None in capabilities)
+            note = " (CUDA compute capability 8.9+: L4, L40, H100, H200, B200; not A100)" if unknown else ""
+            found.append(Suggestion(f"quantization='{name}'{note}: {format_gib(smaller.total_bytes)} of weights",
+                                    {"quantization": name}))
     steps = (context_length - 1) // 1024  # the longest shorter context, in steps of 1024 tokens
     if steps >= 1 and fits(footprint, devices, 1024, batch_size):
         low, high = 1, steps
         while low < high:
             mid = (low + high + 1) // 2
             low, high = (mid, high) if fits(footprint, devices, mid * 1024, batch_size) else (low, mid - 1)
-        found.append(f"context_length <= {low * 1024:,}")
+        found.append(Suggestion(f"context_length <= {low * 1024:,}", {"context_length": low * 1024}))
     if batch_size > 1 and fits(footprint, devices, context_length, 1):
-        found.append("batch_size=1")
+        found.append(Suggestion("batch_size=1", {"batch_size": 1}))
     return found

@@ -27,15 +27,23 @@ class PlanError(NVLMError):
         required_bytes: everything the plan needs (weights, KV cache, reserves), all devices.
         available_bytes: the memory of the devices, all together.
         suggestions: settings that would fit, in words ("quantization='bnb-8bit'", ...).
+        fixes: the same settings as data, one dict per suggestion, keyed by `from_pretrained`
+            argument names ({"quantization": "bnb-8bit"}, {"context_length": 10240},
+            {"batch_size": 1}, {"dtype": "bfloat16"}), or {"gpus": 3} for more GPUs of the
+            largest kind listed: what command lines turn into flags.
+        problem: the message without its suggestions.
     """
 
     def __init__(self, message: str, *, shortfall_bytes: int = 0, required_bytes: int = 0,
-                 available_bytes: int = 0, suggestions: Sequence[str] = ()) -> None:
+                 available_bytes: int = 0, suggestions: Sequence[str] = (),
+                 fixes: Sequence[Mapping[str, object]] = (), problem: str | None = None) -> None:
         super().__init__(message)
         self.shortfall_bytes = shortfall_bytes
         self.required_bytes = required_bytes
         self.available_bytes = available_bytes
         self.suggestions = list(suggestions)
+        self.fixes = [dict(fix) for fix in fixes]
+        self.problem = problem if problem is not None else message
 
 
 @dataclass(frozen=True)
@@ -46,11 +54,13 @@ class DeviceSpec:
         name: a torch device string: "cuda:0", "cpu".
         memory_bytes: what the plan may fill (free memory, or the user's max_memory).
         label: a model name for tables ("H200", "A100-80GB"); optional.
+        capability: its CUDA compute capability, (8, 0) for an A100, when known (FP8 needs 8.9).
     """
 
     name: str
     memory_bytes: int
     label: str = ""
+    capability: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -117,6 +127,9 @@ class Plan:
         context_length, batch_size: what the KV cache and activation reserves are sized for.
         first_device_share: the first device's weight in the layer split (0.5: half a GPU).
         warnings: things the user should know (CPU offload is slow).
+        split: "balanced" (the planner's split by memory) or "card" (the model card's `split_model()`).
+        vision_devices: with vision replicas, every device holding a vision tower (the first one
+            and the GPUs given a copy); empty otherwise.
     """
 
     devices: tuple[DevicePlan, ...]
@@ -126,6 +139,8 @@ class Plan:
     batch_size: int
     first_device_share: float
     warnings: tuple[str, ...] = ()
+    split: str = "balanced"
+    vision_devices: tuple[str, ...] = ()
 
     def device_map(self) -> dict[str, torch.device]:
         """{module prefix: device} for the loader; "" (anything else) is the first device."""

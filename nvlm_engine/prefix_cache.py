@@ -232,34 +232,51 @@ class PrefixIndex:
                 raise KeyError(f"slot {slot} is not idle")
             del self._idle[slot]
 
-    def evict(self) -> int | None:
-        """Forget the least recently used idle slot and return it (counted as an eviction), or None."""
+    def move(self, source: int, target: int) -> None:
+        """An idle slot's content moved to `target` (its KV was copied there); same LRU position."""
+        if not self.enabled:
+            return
         with self._lock:
-            if not self._idle:
+            if source not in self._idle or target in self._slots:
+                raise KeyError(f"cannot move slot {source} to {target}: not idle, or the target holds content")
+            self._slots[target] = self._slots.pop(source)
+            self._idle = OrderedDict((target if s == source else s, None) for s in self._idle)
+
+    def evict(self, slot: int | None = None) -> int | None:
+        """Forget an idle slot and return it (counted as an eviction), or None when none is idle.
+
+        `slot`: that idle slot; default the least recently used one.
+        """
+        with self._lock:
+            if not self._idle or (slot is not None and slot not in self._idle):
                 return None
-            slot, _ = self._idle.popitem(last=False)
+            if slot is None:
+                slot, _ = self._idle.popitem(last=False)
+            else:
+                del self._idle[slot]
             self._slots.pop(slot, None)
             self._evictions += 1
             return slot
 
     # -- queries ----------------------------------------------------------------------------
 
-    def lookup(self, keys: np.ndarray, *, max_length: int | None = None) -> PrefixMatch | None:
+    def lookup(self, keys: np.ndarray, *, max_length: int | None = None, count: bool = True) -> PrefixMatch | None:
         """The slot (running or idle) sharing the longest common prefix with `keys`.
 
         The length is capped at `max_length` (pass len(keys) - 1 so that at least one position is
         recomputed and gives logits). None when the best length is below `min_match`. On equal
         length an idle slot is preferred (no copy), the most recently used first; among running
         slots, the lowest number. Counts a query, its len(keys) query tokens, and on a match a hit
-        and its length. Cost: see the module docstring (numpy, about O(match length) per slot).
+        and its length (unless `count` is False: a request looking again while it waits). Cost: see the module docstring (numpy, about O(match length) per slot).
         """
         if not self.enabled:
             return None
         array = _as_keys(keys)
         limit = len(array) if max_length is None else max(0, min(len(array), max_length))
         with self._lock:
-            self._queries += 1
-            self._query_tokens += len(array)
+            if count:
+                self._queries += 1
+                self._query_tokens += len(array)
             best: PrefixMatch | None = None
             best_rank: tuple[int, int, int] | None = None
             if limit >= self.min_match:
@@ -272,7 +289,7 @@ class PrefixIndex:
                     rank = (length, 1, idle_order[slot]) if idle else (length, 0, -slot)
                     if best_rank is None or rank > best_rank:
                         best, best_rank = PrefixMatch(slot=slot, length=length, idle=idle), rank
-            if best is not None:
+            if best is not None and count:
                 self._hits += 1
                 self._hit_tokens += best.length
             return best

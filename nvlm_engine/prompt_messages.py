@@ -82,9 +82,13 @@ class Prompt:
 
 
 def validate_conversation(
-    messages: Sequence[PromptMessage], add_generation_prompt: bool
+    messages: Sequence[PromptMessage], add_generation_prompt: bool, continue_final_message: bool = False
 ) -> tuple[PromptMessage | None, list[PromptMessage]]:
-    """Checks the conversation; returns the leading system message (or None) and the other turns."""
+    """Checks the conversation; returns the leading system message (or None) and the other turns.
+
+    `continue_final_message` (the prompt ends inside the final assistant turn, which the model
+    continues) needs a final assistant message and no generation prompt.
+    """
     if isinstance(messages, (str, PromptMessage)) or not isinstance(messages, Sequence):
         raise PromptError(f"messages must be a sequence of PromptMessage, got {type(messages).__name__}")
     if not messages:
@@ -117,10 +121,22 @@ def validate_conversation(
     system = turns.pop(0) if turns[0].role == "system" else None
     if not turns:
         raise PromptError("the conversation has only a system message: add a user message")
-    if add_generation_prompt and turns[-1].role == "assistant":
+    if continue_final_message:
+        if add_generation_prompt:
+            raise PromptError(
+                "continue_final_message=True and add_generation_prompt=True contradict each other: "
+                "the first continues the final assistant turn, the second opens a new one; pass one"
+            )
+        if turns[-1].role != "assistant":
+            raise PromptError(
+                f"continue_final_message=True needs the conversation to end with an assistant message "
+                f"(the text to continue); it ends with a {turns[-1].role} message"
+            )
+    elif add_generation_prompt and turns[-1].role == "assistant":
         raise PromptError(
             "the conversation ends with an assistant message while add_generation_prompt=True; "
-            "end with a user message, or pass add_generation_prompt=False"
+            "end with a user message, pass add_generation_prompt=False, or continue_final_message=True "
+            "to have the model continue that message"
         )
     return system, turns
 

@@ -120,24 +120,29 @@ class PromptBuilder:
         self._controls = re.compile("|".join(map(re.escape, sorted(self._control_ids, key=len, reverse=True))))
         self._literal = _literal_backend(tokenizer)
 
-    def build(self, messages: Sequence[PromptMessage], *, add_generation_prompt: bool = True) -> Prompt:
+    def build(self, messages: Sequence[PromptMessage], *, add_generation_prompt: bool = True,
+              continue_final_message: bool = False) -> Prompt:
         """Tokenizes a conversation.
 
         Args:
             messages: the conversation; an optional system message first, then user and
                 assistant messages.
             add_generation_prompt: end with `<|im_start|>assistant\\n` so the model answers.
+            continue_final_message: end with the final assistant message's text, its turn left
+                open (no `<|im_end|>`), so the model continues it (vLLM's and transformers'
+                `continue_final_message`; needs add_generation_prompt=False).
 
         Returns:
             The token ids and image token counts.
 
         Raises:
             PromptError: an empty conversation, an unknown role, a system message after the
-                first, an image outside a user message, a text holding `<|vision_pad|>`, or a
-                final assistant message while `add_generation_prompt` is true; in the VLLM
+                first, an image outside a user message, a text holding `<|vision_pad|>`, a
+                final assistant message while `add_generation_prompt` is true (or none while
+                `continue_final_message` is); in the VLLM
                 dialect, a chat template that does not copy message contents verbatim.
         """
-        segments = self._segments(messages, add_generation_prompt)
+        segments = self._segments(messages, add_generation_prompt, continue_final_message)
         ids: list[int] = []
         pending: list[str] = []  # text since the last control token or pad, tokenized as one string
         num_images = 0
@@ -174,7 +179,8 @@ class PromptBuilder:
         )
         return Prompt(token_ids=ids, image_token_count=image_token_count, num_images=num_images)
 
-    def render(self, messages: Sequence[PromptMessage], *, add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[PromptMessage], *, add_generation_prompt: bool = True,
+               continue_final_message: bool = False) -> str:
         """Returns the prompt as text, images expanded to tile tags and literal pad tokens.
 
         Tokenizing this string gives `build(...).token_ids` when the message texts hold no
@@ -186,7 +192,7 @@ class PromptBuilder:
             PromptError: as `build`.
         """
         out: list[str] = []
-        for segment in self._segments(messages, add_generation_prompt):
+        for segment in self._segments(messages, add_generation_prompt, continue_final_message):
             if isinstance(segment, str):
                 out.append(segment)
                 continue
@@ -243,18 +249,21 @@ class PromptBuilder:
 
     # --- 1. validate, 2. lay out in the dialect ------------------------------------------
 
-    def _segments(self, messages: Sequence[PromptMessage], add_generation_prompt: bool) -> list[str | ImageSlot]:
-        system_message, turns = validate_conversation(messages, add_generation_prompt)
+    def _segments(self, messages: Sequence[PromptMessage], add_generation_prompt: bool,
+                  continue_final: bool = False) -> list[str | ImageSlot]:
+        system_message, turns = validate_conversation(messages, add_generation_prompt, continue_final)
         # A leading system message wins over the builder's system prompt. Its text parts are
         # joined the way each dialect joins text parts: verbatim (reference), "\n" (vLLM).
         joiner = "" if self.dialect is PromptDialect.REFERENCE else "\n"
         system = self.system_prompt if system_message is None else joiner.join(_texts(system_message))
         if self.dialect is PromptDialect.REFERENCE:
-            return _reference_segments(system, turns, add_generation_prompt)
-        return self._vllm_segments(system, turns, add_generation_prompt)
+            segments = _reference_segments(system, turns, add_generation_prompt)
+            # Continuing: the final assistant turn stays open, without its "<|im_end|>".
+            return segments[:-1] if continue_final else segments
+        return self._vllm_segments(system, turns, add_generation_prompt, continue_final)
 
     def _vllm_segments(
-        self, system: str | None, turns: list[PromptMessage], add_generation_prompt: bool
+        self, system: str | None, turns: list[PromptMessage], add_generation_prompt: bool, continue_final: bool
     ) -> list[str | ImageSlot]:
         # vLLM writes a literal "<image>" per image and the template copies message contents
         # verbatim. Random markers no user can guess stand in for the images and the message
@@ -284,6 +293,7 @@ class PromptBuilder:
         pieces = re.split(f"<(image|text\\d+)-{nonce}>", self._apply_template(marked, add_generation_prompt))
         segments: list[str | ImageSlot] = []
         kept = 0  # image placeholders found
+        final_text_end = 0  # where the last message text ends among the segments
         for i, piece in enumerate(pieces):
             if i % 2 == 0:
                 segments += self._template_text(piece)
@@ -292,6 +302,7 @@ class PromptBuilder:
                 kept += 1
             else:
                 segments.append(texts[int(piece[len("text") :])])
+                final_text_end = len(segments)
         if kept != len(slots):
             raise PromptError(
                 f"the chat template kept {kept} of {len(slots)} image placeholders; "
@@ -303,7 +314,9 @@ class PromptBuilder:
                 "the chat template changes message texts (trims or escapes them, say); it must copy "
                 "message contents verbatim. Use PromptDialect.REFERENCE or fix the template."
             )
-        return segments
+        # Continuing: cut after the final message's text, as transformers' continue_final_message
+        # does for a template that keeps contents verbatim (also right for an empty final text).
+        return segments[:final_text_end] if continue_final else segments
 
     def _apply_template(self, conversation: list[dict[str, str]], add_generation_prompt: bool) -> str:
         rendered = self.tokenizer.apply_chat_template(

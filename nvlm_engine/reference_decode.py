@@ -46,7 +46,7 @@ def build_attention_mask(valid: torch.Tensor, query_len: int) -> torch.Tensor | 
     """
     if bool(valid.all()):
         return None
-    b, k = valid.shape
+    _, k = valid.shape
     device = valid.device
     q_pos = torch.arange(k - query_len, k, device=device)  # absolute positions of the queries
     k_pos = torch.arange(k, device=device)

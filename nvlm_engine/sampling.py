@@ -56,6 +56,9 @@ class SamplingOptions:
             only, not the prompt, as OpenAI and vLLM do.
         logprobs: record each generated token's log-probability (`GenerationResult.logprobs`).
         top_logprobs: 0..20 most likely alternatives recorded per token; > 0 needs `logprobs`.
+        continuation: the answer continues a final assistant message, so its leading whitespace
+            is kept (an answer is stripped like the reference's; a continuation's indentation,
+            e.g. the body of a function, is part of it).
     """
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
@@ -70,6 +73,7 @@ class SamplingOptions:
     frequency_penalty: float = 0.0
     logprobs: bool = False
     top_logprobs: int = 0
+    continuation: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

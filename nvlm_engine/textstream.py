@@ -7,7 +7,8 @@ Guarantees, for every delta it hands out:
   until it is clearly not one);
 - the concatenated deltas equal the final text, which is stripped at both ends like the
   reference's `response.strip()` (leading whitespace is dropped, trailing whitespace is held
-  until more text follows it).
+  until more text follows it); a continuation of a given text keeps its leading whitespace
+  (`strip_leading=False`).
 
 Knows nothing of models: it needs a tokenizer's `decode` only.
 """
@@ -25,8 +26,9 @@ class Decoder(Protocol):
 class TextStream:
     """Incremental detokenizer with stop strings; one per generated sequence."""
 
-    def __init__(self, tokenizer: Decoder, stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Decoder, stop: Sequence[str] = (), *, strip_leading: bool = True) -> None:
         self._tokenizer = tokenizer
+        self._strip_leading = strip_leading
         self._stop = tuple(s for s in stop if s)
         self._ids: list[int] = []
         self._prefix_offset = 0  # ids before this are fully turned into text
@@ -69,7 +71,7 @@ class TextStream:
         return self._tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
 
     def _append(self, piece: str) -> None:
-        if not self._text:
+        if not self._text and self._strip_leading:
             piece = piece.lstrip()
         self._text += piece
         for stop in self._stop:

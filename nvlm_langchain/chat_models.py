@@ -59,8 +59,9 @@ class ChatNVLM(BaseChatModel):
     shared by every `ChatNVLM` on the same folder and placement.
 
     Setup:
-        `pip install nvlm-langchain` (add `[pdf]` to read PDFs), then download the weights:
-        `huggingface-cli download nvidia/NVLM-D-72B --local-dir /models/NVLM-D-72B`.
+        `pip install nvlm-langchain` (add `[pdf]` to read PDFs). `model` is a checkpoint folder or a
+        Hugging Face id found in the local cache (`hf download nvidia/NVLM-D-72B --include '*.safetensors'
+        --include '*.json' --include merges.txt`), or pass `download=True` to fetch it on first load.
 
     Invoke, with images in any LangChain form (standard blocks, OpenAI `image_url`, Anthropic
     `source`, data URLs, local paths), several per message, in any turn:
@@ -106,7 +107,8 @@ class ChatNVLM(BaseChatModel):
     """
 
     model: str = Field(alias="model_name",
-                       description="The checkpoint folder (e.g. a download of nvidia/NVLM-D-72B), or with "
+                       description="The checkpoint folder, or a Hugging Face id such as nvidia/NVLM-D-72B (from "
+                                   "the local cache; download=True fetches it), or with "
                                    "base_url the model name the server serves. Alias: model_name.")
 
     # --- remote: an OpenAI-compatible server instead of local weights ---
@@ -130,6 +132,19 @@ class ChatNVLM(BaseChatModel):
     """Per-device memory budget used to split layers, e.g. {0: "70GiB", 1: "80GiB"}."""
     context_length: int | None = None
     """Longest prompt + answer; None is the checkpoint's (32,768 for NVLM-D)."""
+    quantization: Literal["bnb-8bit", "bnb-4bit", "fp8"] | None = None
+    """The decoder layers' linear weights as 8-bit / 4-bit (bitsandbytes) or FP8; None keeps `dtype`."""
+    batch_size: int | None = None
+    """Sequences decoded together: memory is reserved for this many, and the scheduler decodes at most
+    this many at once. None plans for 1 and decodes up to 16 when memory allows."""
+    tensor_parallel: int = 1
+    """Split every decoder layer over this many processes, one per GPU (tensor parallelism; see the README)."""
+    revision: str | None = None
+    """With a Hugging Face id as `model`: the branch, tag or commit to load (default "main")."""
+    download: bool = False
+    """Download a Hugging Face id missing from the local cache on load (weights, configs, tokenizer only)."""
+    progress: bool | Literal["log"] | None = None
+    """Loading progress: None a bar on a terminal or notebook, True always, False never, "log" log lines."""
 
     # --- how requests are read ---
     dialect: Literal["reference", "vllm"] = "reference"
@@ -222,12 +237,16 @@ class ChatNVLM(BaseChatModel):
             raise ValueError(str(e)) from e
         if self.max_tiles is not None and self.max_tiles < 1:
             raise ValueError(f"max_tiles must be >= 1, got {self.max_tiles}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (None plans for 1), got {self.batch_size}")
         return self
 
     def engine_spec(self, model: str | None = None) -> EngineSpec:
         """The registry key of this model's weights (or of `model`, another folder, with the same placement)."""
         return EngineSpec(path=model or self.model, device_map=self.device_map, dtype=self.dtype,
-                          max_memory=self.max_memory, context_length=self.context_length)
+                          max_memory=self.max_memory, context_length=self.context_length,
+                          quantization=self.quantization, batch_size=self.batch_size, revision=self.revision,
+                          download=self.download, progress=self.progress, tensor_parallel=self.tensor_parallel)
 
     @property
     def _backend(self) -> Backend:
@@ -243,8 +262,8 @@ class ChatNVLM(BaseChatModel):
         """
         return self._backend.engine(self)
 
-    def load(self, progress: Callable[[Path, int, int], None] | None = None) -> NVLMEngine:
-        """Load the weights now instead of on first use; `progress(shard, number, count)` per shard."""
+    def load(self, progress: bool | str | Callable[[Path, int, int], None] | None = None) -> NVLMEngine:
+        """Load the weights now; `progress`: None is the field's, or True/False/"log"/`callable(shard, n, count)`."""
         return self._backend.engine(self, progress, what="load()")
 
     def content_options(self) -> ContentOptions:

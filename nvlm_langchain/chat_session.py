@@ -2,7 +2,9 @@
 
 Used by `nvlm-chat`; holds LangChain messages and a `ChatNVLM`, and knows the transcript file
 format (JSON: {"version": 1, "model": ..., "system": ..., "messages": [LangChain message dicts]}).
-Knows nothing of click or terminals.
+A message that fails can be taken back (`take_back`): its text returns to the caller and its
+images to the attachments, so nothing typed or attached is lost. Image blocks arrive checked
+(`cli_images.check_image`). Knows nothing of click or terminals.
 """
 
 from __future__ import annotations
@@ -32,24 +34,6 @@ class SessionError(Exception):
     """A transcript or image the session cannot use; the message says what to do."""
 
 
-def image_block(source: str, page: int | None) -> dict[str, Any]:
-    """A LangChain image block for a path, URL, or PDF page (`doc.pdf#2` or `page`)."""
-    path_text, _, hash_page = source.partition("#")
-    if path_text.lower().endswith(".pdf"):
-        from .tools.documents import encode_png_base64, load_pages
-        from .tools.errors import DocumentInputError
-
-        number = int(hash_page) if hash_page else (page or 1)
-        try:
-            rendered = load_pages(Path(path_text).expanduser(), pages=number)[0]
-        except DocumentInputError as e:
-            raise SessionError(str(e)) from e
-        return {"type": "image", "base64": encode_png_base64(rendered.image), "mime_type": "image/png"}
-    if source.startswith(("http://", "https://")):
-        return {"type": "image", "url": source}
-    return {"type": "image", "url": str(Path(source).expanduser().resolve())}
-
-
 @dataclass
 class ChatSession:
     """The running conversation."""
@@ -60,23 +44,37 @@ class ChatSession:
     pending: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
-    def open(cls, model: str, *, system: str | None, device_map: Any, dtype: str | None, max_tiles: int | None,
-             allow_urls: bool, generation: Mapping[str, Any],
-             progress: Callable[[Path, int, int], None] | None = None) -> ChatSession:
-        """Make the chat model and load its weights now (with `progress`), so errors surface early."""
-        options = {k: v for k, v in generation.items() if v is not None}
-        llm = ChatNVLM(model=model, device_map=device_map, dtype=dtype, max_tiles=max_tiles,
-                       allow_url_fetch=allow_urls, **options)
+    def open(cls, model: str, *, system: str | None, dtype: str | None, max_tiles: int | None, allow_urls: bool,
+             generation: Mapping[str, Any], placement: Mapping[str, Any], progress: Any = None) -> ChatSession:
+        """Make the chat model and load its weights now, so errors surface before the first question.
+
+        `placement` holds ChatNVLM's placement fields (device_map, max_memory, context_length,
+        batch_size, quantization, download, revision); None or False values are left out.
+        `progress` goes to `ChatNVLM.load` (None: the engine's default, a bar on a terminal).
+        """
+        options = {k: v for k, v in {**generation, **placement}.items() if v is not None and v is not False}
+        llm = ChatNVLM(model=model, dtype=dtype, max_tiles=max_tiles, allow_url_fetch=allow_urls, **options)
         llm.load(progress=progress)
         return cls(llm=llm, system=system)
 
-    def add_image(self, source: str, page: int | None) -> None:
-        self.pending.append(image_block(source, page))
+    def add_image(self, block: dict[str, Any]) -> None:
+        """Attach a checked image block to the next message."""
+        self.pending.append(block)
 
     def add_user(self, text: str, blocks: list[dict[str, Any]]) -> None:
         content: list[dict[str, Any]] = [*self.pending, *blocks, {"type": "text", "text": text}]
         self.pending = []
         self.history.append(HumanMessage(content=content))
+
+    def take_back(self) -> str:
+        """Undo the last `add_user` after its answer failed: its images are attached again, its text returned."""
+        if not self.history or not isinstance(self.history[-1], HumanMessage):
+            return ""
+        message = self.history.pop()
+        blocks = message.content if isinstance(message.content, list) else [message.content]
+        texts = [b["text"] for b in blocks if isinstance(b, dict) and b.get("type") == "text"]
+        self.pending = [b for b in blocks if isinstance(b, dict) and b.get("type") == "image"] + self.pending
+        return "".join(texts) or (message.content if isinstance(message.content, str) else "")
 
     def answer(self, on_token: Callable[[str], None] | None = None) -> AIMessage:
         """Answer the last user message; streams through `on_token` when given.
@@ -109,24 +107,37 @@ class ChatSession:
         if self.history and isinstance(self.history[-1], HumanMessage):
             self.history.append(AIMessage(content=""))
 
-    def drop_last_user(self) -> None:
-        if self.history and isinstance(self.history[-1], HumanMessage):
-            self.history.pop()
-
     def reset(self) -> None:
         self.history.clear()
         self.pending.clear()
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path) -> Path:
+        """Write the transcript to `path` (`~` expanded); the path written.
+
+        Raises:
+            SessionError: the file cannot be written (no such folder, no permission, a folder).
+        """
+        path = Path(path).expanduser()
         body = {"version": TRANSCRIPT_VERSION, "model": self.llm.model, "system": self.system,
                 "messages": messages_to_dict(self.history)}
-        path.write_text(json.dumps(body, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        try:
+            path.write_text(json.dumps(body, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise SessionError(f"cannot write {path}: {e.strerror or e}; choose another path") from e
+        return path
 
     def load(self, path: Path) -> None:
+        """Resume a transcript written by `save` (its system prompt unless one is set).
+
+        Raises:
+            SessionError: not a transcript of this version, or unreadable.
+        """
+        path = Path(path).expanduser()
         try:
             body = json.loads(path.read_text(encoding="utf-8"))
             if body.get("version") != TRANSCRIPT_VERSION:
-                raise SessionError(f"{path} is a transcript of version {body.get('version')!r}; expected {TRANSCRIPT_VERSION}")
+                raise SessionError(f"{path} is a transcript of version {body.get('version')!r}; "
+                                   f"expected {TRANSCRIPT_VERSION}")
             self.history = list(messages_from_dict(body["messages"]))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise SessionError(f"{path} is not a transcript saved by /save: {e}") from e

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from nvlm_engine import NVLMEngine, PromptDialect
 from nvlm_engine.chat import ChatService, grammars_for
-from nvlm_engine.engine import ProgressCallback
+from nvlm_engine.hub import is_repo_id
+from nvlm_engine.load_progress import LoadProgress
 from nvlm_engine.scheduler import Scheduler
 
 if TYPE_CHECKING:
@@ -44,11 +45,17 @@ MAX_QUEUE = 1 << 30
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """What identifies loaded weights: the checkpoint folder and its placement.
+    """What identifies loaded weights: the checkpoint folder, its placement and quantization.
+
+    `batch_size` is the batch memory is reserved for and the scheduler's largest decode batch
+    (None: plan for 1, decode up to `MAX_BATCH_SIZE`).
 
     The folder is resolved, so "./ckpt", "ckpt/" and a symlink to it name one engine;
     `device_map` and `max_memory` are compared through a canonical JSON form, so equal maps
-    written in another order do too.
+    written in another order do too. A Hugging Face id ("nvidia/NVLM-D-72B") that is not a
+    folder here stays as given, with its `revision`; it resolves (and with `download`, downloads)
+    when the engine loads (`nvlm_engine.hub`). `progress` is the loading progress used when the
+    caller of `load` passes none (see `NVLMEngine.from_pretrained`).
     """
 
     path: str
@@ -56,16 +63,25 @@ class EngineSpec:
     dtype: str | None = None
     max_memory: Mapping[str | int, int | str] | None = field(default=None, compare=False, hash=False)
     context_length: int | None = None
+    quantization: str | None = None
+    tensor_parallel: int = 1
+    batch_size: int | None = field(default=None, compare=False, hash=False)
+    revision: str | None = None
+    download: bool = field(default=False, compare=False, hash=False)
+    progress: LoadProgress = field(default=None, compare=False, hash=False)
     placement: str = field(default="", init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.device_map is not None and not isinstance(self.device_map, (str, list, tuple, Mapping)):
             raise ValueError(f"device_map must be a device name, a list of devices or a dict, got {self.device_map!r}")
-        object.__setattr__(self, "path", str(Path(self.path).expanduser().resolve()))
-        placement = json.dumps([self.device_map, self.max_memory], sort_keys=True, default=str)
+        folder = Path(self.path).expanduser()
+        if folder.is_dir() or not is_repo_id(self.path):
+            object.__setattr__(self, "path", str(folder.resolve()))
+        placement = json.dumps([self.device_map, self.max_memory, self.batch_size], sort_keys=True, default=str)
         object.__setattr__(self, "placement", placement)
 
-    def load(self, progress: ProgressCallback | None = None) -> NVLMEngine:
+    def load(self, progress: LoadProgress = None) -> NVLMEngine:
+        """Load the weights; `progress` None uses the spec's own (see `NVLMEngine.from_pretrained`)."""
         device_map = list(self.device_map) if isinstance(self.device_map, tuple) else self.device_map
         return NVLMEngine.from_pretrained(
             self.path,
@@ -73,15 +89,21 @@ class EngineSpec:
             dtype=self.dtype,
             max_memory=dict(self.max_memory) if self.max_memory else None,
             context_length=self.context_length,
-            progress=progress,
+            batch_size=self.batch_size or 1,
+            quantization=self.quantization,
+            revision=self.revision,
+            download=self.download,
+            progress=progress if progress is not None else self.progress,
+            **({"tensor_parallel": self.tensor_parallel} if self.tensor_parallel > 1 else {}),
         )
 
 
 class LoadedEngine:
     """Loaded weights, the engine views over them, their chat services and scheduler."""
 
-    def __init__(self, base: NVLMEngine) -> None:
+    def __init__(self, base: NVLMEngine, max_batch_size: int | None = None) -> None:
         self.base = base
+        self.max_batch_size = max_batch_size or MAX_BATCH_SIZE
         self._views: dict[str, NVLMEngine] = {}
         self._scheduler: Scheduler | None = None
         self._lock = threading.Lock()
@@ -92,9 +114,7 @@ class LoadedEngine:
         with self._lock:
             view = self._views.get(key)
             if view is None:
-                base = self.base
-                view = NVLMEngine(base.model, base.tokenizer, context_length=base.context_length,
-                                  dialect=key, images=base.images, name=base.name)
+                view = self.base.with_dialect(key)
                 self._views[key] = view
             return view
 
@@ -107,7 +127,7 @@ class LoadedEngine:
         """
         with self._lock:
             if self._scheduler is None:
-                self._scheduler = Scheduler(self.base, max_batch_size=MAX_BATCH_SIZE, max_queue=MAX_QUEUE)
+                self._scheduler = Scheduler(self.base, max_batch_size=self.max_batch_size, max_queue=MAX_QUEUE)
             return self._scheduler
 
     def close(self) -> None:
@@ -132,7 +152,7 @@ _loading: dict[EngineSpec, threading.Lock] = {}
 _registry_lock = threading.Lock()
 
 
-def get_engine(spec: EngineSpec, progress: ProgressCallback | None = None) -> LoadedEngine:
+def get_engine(spec: EngineSpec, progress: LoadProgress = None) -> LoadedEngine:
     """The loaded weights for `spec`, loading them if this process has not yet.
 
     `progress(shard_path, number, count)` is called per shard when this call does the loading.
@@ -149,7 +169,7 @@ def get_engine(spec: EngineSpec, progress: ProgressCallback | None = None) -> Lo
         loaded = _engines.get(spec)
         if loaded is None:
             logger.info("loading NVLM-D from %s (device_map=%r, dtype=%r)", spec.path, spec.device_map, spec.dtype)
-            loaded = LoadedEngine(spec.load(progress))
+            loaded = LoadedEngine(spec.load(progress), max_batch_size=spec.batch_size)
             with _registry_lock:
                 _engines[spec] = loaded
     return loaded
@@ -170,3 +190,4 @@ def clear_engines() -> None:
         _loading.clear()
     for engine in loaded:
         engine.close()
+        engine.base.close()  # tensor-parallel workers, if any

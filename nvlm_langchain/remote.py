@@ -31,7 +31,7 @@ from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from langchain_core.messages import BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk
 from langchain_core.runnables.config import run_in_executor
 
@@ -135,6 +135,9 @@ def build_request(chat: ChatNVLM, messages: Sequence[BaseMessage], stop: list[st
             params[name] = options[name]
     # vLLM's (and nvlm-serve's) sampling extensions, outside OpenAI's schema.
     extra = {name: options[name] for name in ("top_k", "repetition_penalty") if options[name] is not None}
+    if messages and isinstance(messages[-1], AIMessage) and not messages[-1].tool_calls:
+        # A final AIMessage is continued, as the local model does; vLLM needs both flags to do so.
+        extra.update(continue_final_message=True, add_generation_prompt=False)
     if extra:
         params["extra_body"] = extra
     _add_tools(params, call.tools, parallel_given=kwargs.get("parallel_tool_calls") is not None)

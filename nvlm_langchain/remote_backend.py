@@ -38,7 +38,8 @@ class RemoteBackend:
     """An OpenAI-compatible server (see the module docstring); stateless, one instance (`REMOTE`)."""
 
     mode = "with base_url (a remote model)"
-    foreign_fields = frozenset({"device_map", "dtype", "max_memory", "dialect", "max_tiles"})
+    foreign_fields = frozenset({"device_map", "dtype", "max_memory", "dialect", "max_tiles", "quantization",
+                                "tensor_parallel", "batch_size", "revision", "download", "progress"})
     submits_batches = False  # LangChain's concurrent invokes; the server batches them
 
     def check(self, chat: ChatNVLM) -> None:

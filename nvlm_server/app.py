@@ -171,9 +171,10 @@ def create_app(engine: NVLMEngine, settings: ServerSettings | None = None) -> Fa
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        # max_model_len: the context length, under vLLM's name, so remote clients can derive a profile.
+        # max_model_len: the context length, under vLLM's name, so remote clients can derive a profile;
+        # max_tiles: the tile budget, so an evaluation can check it runs with the card's 6.
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0, "owned_by": "nvlm",
-                                            "max_model_len": engine.context_length}]}
+                                            "max_model_len": engine.context_length, "max_tiles": settings.max_tiles}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

@@ -2,7 +2,7 @@
 
 Reads the fields once: sampling (with vLLM's `top_k` / `repetition_penalty` and OpenAI's
 presence / frequency penalties and logprobs), tools with tool_choice and
-parallel_tool_calls, response_format, the leading system turn. The rules themselves
+parallel_tool_calls, response_format, the leading system turn, whether to continue a final assistant message. The rules themselves
 (tool_choice spellings, the system turn, the tile budget, the grammar) are
 `nvlm_engine.chat`'s, shared with ChatNVLM, so a server answer equals a local one.
 """
@@ -51,4 +51,29 @@ def to_chat_request(req: ChatCompletionRequest, messages: list[dict[str, Any]], 
         logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0,
     )
     return ChatRequest(messages=tuple(messages), system=system, sampling=sampling, tools=tools,
-                       response_format=answer, max_tiles=max_tiles)
+                       response_format=answer, max_tiles=max_tiles, continue_final=_continue_final(req, messages))
+
+
+def _continue_final(req: ChatCompletionRequest, messages: list[dict[str, Any]]) -> bool | None:
+    """vLLM's two flags -> continue the final assistant message or not (None: the engine's rule).
+
+    vLLM continues only with `continue_final_message=true` plus `add_generation_prompt=false`;
+    here either one asks for it, and neither means: continue when the last message is the
+    assistant's (lm-eval sends HumanEval's prefix that way). Asking for both is refused, as vLLM does.
+    """
+    cont, gen = req.continue_final_message, req.add_generation_prompt
+    if cont and gen:
+        raise RequestRejected("continue_final_message and add_generation_prompt cannot both be true",
+                              param="continue_final_message")
+    if cont is None and gen is None:
+        return None
+    wants = bool(cont) or gen is False
+    ends_with_answer = bool(messages) and messages[-1]["role"] == "assistant"
+    if wants and not ends_with_answer:
+        raise RequestRejected("continue_final_message needs the last message to be an assistant message "
+                              "(the text to continue)", param="continue_final_message")
+    if not wants and ends_with_answer:
+        raise RequestRejected("the last message is an assistant message and continue_final_message is false: "
+                              "this server continues such a message or answers a user message; drop the "
+                              "flag or end with a user message", param="continue_final_message")
+    return wants

@@ -5,7 +5,8 @@ the harmless ones OpenAI clients and LangChain's ChatOpenAI send (`user`, `metad
 false, an empty `logit_bias`, `stream_options`, `n` 1) are accepted. Inside messages and tools
 unknown keys are ignored (clients add their own, e.g. `strict`). Known fields with the wrong
 type or out of range are a 400 with the field named. vLLM's sampling extensions `top_k` and
-`repetition_penalty` are accepted too. Numbers must be finite (Python's JSON reader accepts
+`repetition_penalty` are accepted too, and its `continue_final_message` / `add_generation_prompt`
+(a request ending with an assistant message is continued unless it asks otherwise). Numbers must be finite (Python's JSON reader accepts
 `NaN` and `Infinity`, which would poison a whole decode batch) and seeds must fit 64 bits,
 signed or unsigned (what a torch generator takes); the engine makes tiny temperatures greedy.
 """
@@ -101,6 +102,10 @@ class ChatCompletionRequest(BaseModel):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    # vLLM's extensions for a final assistant message. Without them such a message is continued
+    # (lm-eval's chat-completions model sends HumanEval's answer prefix that way, with no flag).
+    continue_final_message: bool | None = None
+    add_generation_prompt: bool | None = None
     # Accepted because clients send them by default, and harmless: who the end user is, tags,
     # and "do not store" (this server stores nothing). A bias or storing is refused below.
     logit_bias: dict[str, float] | None = None

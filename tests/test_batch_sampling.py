@@ -499,3 +499,12 @@ def test_sample_refuses_arguments_that_disagree() -> None:
     with pytest.raises(ValueError, match="one mask"):
         sampler.sample(torch.zeros(2, 10), [0, 1], [None])
     assert sampler.sample(torch.zeros(0, 10), [], []) == SampledStep([], [], [])
+
+
+def test_a_top_p_below_the_smallest_float32_keeps_the_likeliest_token() -> None:
+    """top_p=5e-324 is valid (in (0, 1]) but rounds to 0 in fp32: it must act as greedy, not fail the row."""
+    sampler = BatchSampler(8, torch.device("cpu"), slots=1)
+    sampler.admit(0, SamplingOptions(temperature=1.0, top_p=5e-324, seed=1), [1, 2])
+    logits = torch.tensor([[0.1, 3.0, 0.2, -1.0, 0.0, 0.5, 0.3, 0.4]])
+    step = sampler.sample(logits, [0], [None])
+    assert step.errors == [None] and step.tokens == [1]

@@ -109,7 +109,7 @@ def _forbid(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
         raise AssertionError("reached a step that must come after the size checks")
 
     for name in names:
-        monkeypatch.setattr(f"nvlm_engine.engine.{name}", reached)
+        monkeypatch.setattr(f"nvlm_engine.loading.{name}", reached)
 
 
 # --- config.json: zero, wrong types, absurd sizes, deep nesting (M7) ------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.nn.attention.bias import CausalBias
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
@@ -101,7 +102,9 @@ class VirtualDevices(TorchFunctionMode):
 
     @staticmethod
     def _common_device(func, args, kwargs) -> torch.device:  # noqa: ANN001
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        # A CausalBias (SDPA's lazily built causal mask) has no device of its own: SDPA makes it
+        # on the query's device.
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and not isinstance(t, CausalBias)]
         if not tensors:
             return CPU
         if func in _INDEXING:
@@ -340,3 +343,29 @@ def test_split_between_cuda_and_cpu_gives_the_same_greedy_tokens(four_layer_chec
     la, _, _ = prefill(whole.model, [whole.prepare(image_messages)], whole.token_ids)
     lb, _, _ = prefill(split.model, [split.prepare(image_messages)], split.token_ids)
     torch.testing.assert_close(la.cpu(), lb.cpu(), rtol=1e-4, atol=1e-4)
+
+
+def test_vision_tiles_spread_over_replicas(engine: NVLMEngine) -> None:
+    """With copies of the vision tower on three GPUs, a batch's tiles run on all three and come back in order."""
+    pixels = torch.randn(6, 3, 448, 448)
+    reference = engine.model.encode_images(pixels)
+    c = [torch.device("cuda", i) for i in range(3)]
+    place(engine.model, {"": c[0]})
+    ran_on: list[torch.device] = []
+    try:
+        with VirtualDevices() as mode:
+            engine.model.replicate_vision([c[1], c[2], c[0]])  # the original's device is not copied again
+            towers = engine.model.vision_towers
+            assert [t[0].embeddings.patch_embedding.weight.device for t in towers] == c
+            hooks = [t[0].register_forward_hook(lambda m, i, o: ran_on.append(o.device)) for t in towers]
+            spread = engine.model.encode_images(pixels)
+            for hook in hooks:
+                hook.remove()
+            assert spread.device == c[0]
+    finally:
+        del engine.model.vision_towers
+        unplace(engine.model)
+    assert sorted(ran_on, key=str) == c  # one chunk of 2 tiles per copy
+    assert mode.transfers[("cuda:1", "cuda:0")] > 0 and mode.transfers[("cuda:2", "cuda:0")] > 0  # gathered home
+    torch.testing.assert_close(spread, reference, rtol=0, atol=0)
+    assert not any("vision_towers" in name for name, _ in engine.model.named_parameters())

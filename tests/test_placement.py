@@ -314,3 +314,18 @@ def test_auto_placement_uses_free_memory_and_max_memory(config: NVLMConfig, monk
     # quantized plans use the quantized sizes
     placement = resolve_placement(["cuda:0"], model, context_length=CONTEXT, quantization=get_scheme("bnb-4bit"))
     assert placement.plan.devices[0].weight_bytes < 55 * GIB
+
+
+def test_vision_replicas_reserve_a_tower_on_every_gpu(footprint: Footprint) -> None:
+    """Copies of the vision tower cost each other GPU the tower's weights; the plan lists where they go."""
+    gpus = parse_gpu_spec("4xH200")
+    plain = plan_placement(footprint, gpus, context_length=8192)
+    copies = plan_placement(footprint, gpus, context_length=8192, vision_replicas=True)
+    tower = footprint.unit_bytes["vision_model"] + footprint.unit_bytes["mlp1"]
+    assert plain.vision_devices == ()
+    assert copies.vision_devices == tuple(d.device.name for d in copies.devices) and len(copies.vision_devices) == 4
+    for with_copy, without in zip(copies.devices[1:], plain.devices[1:]):
+        layer_bytes = sum(footprint.unit_bytes[f"language_model.model.layers.{i}"] for i in with_copy.layers)
+        assert with_copy.weight_bytes == layer_bytes + tower
+        assert with_copy.activation_bytes >= without.activation_bytes  # it also runs the tower
+    assert sum(len(d.layers) for d in copies.devices) == footprint.num_layers

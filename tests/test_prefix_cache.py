@@ -292,3 +292,15 @@ def test_image_key_changes_with_one_pixel_and_is_stable() -> None:
     strided = torch.cat([pixels, pixels], dim=3)[..., ::2]  # non-contiguous
     assert image_key(strided) == image_key(strided.contiguous())
     assert image_key(pixels.to(torch.bfloat16)) == image_key(pixels.to(torch.bfloat16))
+
+
+def test_move_keeps_content_and_lru_position() -> None:
+    index = PrefixIndex()
+    for slot in (0, 1):
+        index.running(slot, np.arange(10, dtype=np.int64) + 100 * slot)
+        index.finish(slot)
+    index.move(0, 5)
+    assert index.idle_slots() == [5, 1]
+    assert index.lookup(np.arange(10, dtype=np.int64), max_length=9) == PrefixMatch(slot=5, length=9, idle=True)
+    with pytest.raises(KeyError):
+        index.move(2, 6)  # not idle

@@ -286,7 +286,7 @@ def _load_quantized(folder: Path) -> tuple[NVLMModel, QuantizingLoader]:
 
     fill_model(model, infos, device_of=loader.device_of, dtype=torch.float32, progress=after_shard)
     loader.finish()
-    from nvlm_engine.engine import _rebuild_rotary
+    from nvlm_engine.loading import _rebuild_rotary
 
     _rebuild_rotary(model, torch.device("cpu"))
     model.prepare_for_inference()

@@ -167,6 +167,9 @@ class ChatRequest:
         tools: the bound tools, tool_choice and parallel_tool_calls.
         response_format: JSON answer format, if any.
         max_tiles: the tile budget shared by the request's images (None: the engine's rule).
+        continue_final: continue the final assistant message instead of answering in a new
+            turn (None: the engine's rule, which continues when the last message is the
+            assistant's; see `NVLMEngine.prepare`).
     """
 
     messages: tuple[Mapping[str, Any], ...]
@@ -175,6 +178,7 @@ class ChatRequest:
     tools: ToolBinding = field(default_factory=ToolBinding)
     response_format: ResponseFormat | None = None
     max_tiles: int | None = None
+    continue_final: bool | None = None
 
     def engine_messages(self, dialect: str) -> list[dict[str, Any]]:
         """The messages with the system turn written (see `compose_system`)."""

@@ -146,6 +146,8 @@ class ChatService:
             extra["frequency_penalty"] = s.frequency_penalty
         if s.logprobs:
             extra.update(logprobs=True, top_logprobs=s.top_logprobs)
+        if request.continue_final is not None:
+            extra["continue_final_message"] = request.continue_final
         prepared = self.engine.prepare(
             self.messages(request),
             max_new_tokens=s.max_tokens or min(DEFAULT_MAX_TOKENS, self.engine.context_length // 4),

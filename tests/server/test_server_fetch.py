@@ -140,18 +140,25 @@ def test_hanging_fetches_do_not_delay_text_requests(tiny_engine, images) -> None
 
 
 def test_cli_wires_the_image_fetch_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
     import uvicorn
     from click.testing import CliRunner
 
-    from nvlm_server import cli
+    import nvlm_engine
+    from nvlm_server import app, cli
 
     class Loaded:
         name = "tiny"
 
+        def close(self) -> None:
+            pass
+
     captured: list[ServerSettings] = []
-    monkeypatch.setattr(cli.NVLMEngine, "from_pretrained", classmethod(lambda cls, *a, **k: Loaded()))
-    monkeypatch.setattr(cli, "create_app", lambda engine, settings: captured.append(settings))
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    monkeypatch.setattr(nvlm_engine.NVLMEngine, "from_pretrained", classmethod(lambda cls, *a, **k: Loaded()))
+    monkeypatch.setattr(app, "create_app", lambda engine, settings: captured.append(settings))
+    monkeypatch.setattr(cli, "bind", lambda host, port: socket.socket())  # no real port for a wiring test
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, **k: None)
     args = ["-m", "/models/x", "--allow-image-urls", "--allowed-image-host", "Images.Example.com"]
     result = CliRunner().invoke(cli.main, args + ["--allow-private-image-hosts", "--image-fetch-timeout", "3",
                                                   "--image-fetch-workers", "2"])

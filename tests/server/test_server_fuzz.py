@@ -103,6 +103,8 @@ FIELDS = {  # every field of schemas.ChatCompletionRequest but messages
     "user": texts,
     "metadata": st.dictionaries(st.sampled_from(["k"]), texts, max_size=1),
     "store": st.booleans(),
+    "continue_final_message": st.none() | st.booleans(),
+    "add_generation_prompt": st.none() | st.booleans(),
 }
 assert set(FIELDS) == set(schemas.ChatCompletionRequest.model_fields) - {"messages"}
 plausible = st.fixed_dictionaries({"messages": conversation}, optional=FIELDS)  # type: ignore[arg-type]

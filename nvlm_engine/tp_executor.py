@@ -1,0 +1,368 @@
+"""Rank 0 of a tensor-parallel engine: start the workers, drive them, notice when one dies.
+
+`load_tensor_parallel` starts `tp - 1` worker processes (`tp_worker.py`, torch.multiprocessing
+"spawn"), loads rank 0's model meanwhile (the whole vision tower, projector, embeddings, final
+norm and LM head; its shard of every decoder layer), waits until every worker has loaded its
+shard, and joins them in a process group of its own (`tp_worker.Group`: gloo on the CPU, NCCL on
+CUDA, one GPU per rank; not torch.distributed's default group, so several engines, or a user's
+own group, can share a process). Scripts must guard their entry point with
+`if __name__ == "__main__":` (spawned workers import the main module). The engine's process is rank 0 and the only driver: `TensorParallelLink` sits on the
+model as `model.tp_link`, and the decode core's model work goes through it unchanged:
+
+- `DecodeCore._new_cache` asks it for a `MirroredKVCache`, whose `ensure` and `copy_prefix`
+  send the same command to every worker (each command names its core, so caches stay apart);
+- `decoder.prefill_chunk` / `decode_step` enter `link.prefill(...)` / `link.decode(...)`: the
+  command goes out by pipe, the layer inputs by broadcast, then rank 0 runs its own shard while
+  the workers run theirs; one lock keeps each command and its collectives together when
+  several threads decode on one engine.
+
+Only rank 0 computes logits and samples; images are encoded on rank 0 alone (splitting the
+tiles of a batch over the ranks is left to do). Liveness: a watcher thread waits on every
+worker's process handle; when one exits, the others are killed at once (so a collective rank 0
+is blocked in fails within milliseconds instead of at the group's timeout), and the request in
+flight, and every later one, fails with `TensorParallelError` naming the rank and its exit code.
+The group has a timeout too, so a hung (not dead) peer cannot block forever. `close()` (also
+at interpreter exit) stops the workers and shuts the group down; no process is left behind.
+A worker also exits by itself when rank 0's process is gone (`tp_worker`).
+
+On the CPU each rank gets `cpu_count // tp` torch threads (rank 0's setting is restored at
+`close()`), so the ranks do not oversubscribe the cores.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing.connection
+import os
+import threading
+import weakref
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import TensorInfo, fill_model
+from .config import NVLMConfig
+from .devices import resolve_dtype
+from .errors import TensorParallelError
+from .kv_cache import KVCache
+from .tensor_parallel import build_rank0_model, check_tp_size, fill_shards, layer_infos, rank_devices, rebuild_rotary
+from .tp_worker import Command, Group, WorkerSpec, worker_main
+
+logger = logging.getLogger(__name__)
+
+TIMEOUT_S = 120.0  # a collective waiting this long for a live peer fails (dead peers fail at once)
+_STOP_WAIT_S = 5.0
+
+
+@dataclass
+class _Worker:
+    rank: int
+    process: Any  # a multiprocessing Process of the spawn context
+    conn: multiprocessing.connection.Connection
+
+
+class MirroredKVCache(KVCache):
+    """Rank 0's KV cache of one decode core: every change is also made to the workers' copies.
+
+    The methods named in `tp_worker.MIRRORED_CACHE_METHODS` are overridden here; a worker's
+    copy starts in the same state and gets the same calls in the same order, so it resizes and
+    copies exactly as this one does (its tensors hold its own KV heads). A new `KVCache` method
+    that changes the tensors must be added there and here (a test checks the list).
+    """
+
+    def __init__(self, link: TensorParallelLink, core_id: int, layer_devices: Sequence[torch.device],
+                 **settings: Any) -> None:
+        super().__init__(layer_devices, **settings)
+        self.link, self.core_id = link, core_id
+
+    def ensure(self, *args: Any, **kwargs: Any) -> None:
+        before = self.keys
+        super().ensure(*args, **kwargs)  # KVCacheFullError here: nothing changed, nothing sent
+        if self.keys is not before:  # resized: the workers resize the same way
+            self.link.send(Command("ensure", self.core_id, args, kwargs))
+
+    def copy_prefix(self, *args: Any, **kwargs: Any) -> None:
+        self.link.send(Command("copy_prefix", self.core_id, args, kwargs))
+        super().copy_prefix(*args, **kwargs)
+
+
+class TensorParallelLink:
+    """Rank 0's handle on its workers: commands, broadcasts, liveness, shutdown.
+
+    Made by `load_tensor_parallel`; set as `model.tp_link` (with `model.tp_reduce`).
+    """
+
+    def __init__(self, workers: list[_Worker], *, tp: int, group: Group, threads_before: int) -> None:
+        self.tp = tp
+        self._workers = workers
+        self._group = group
+        self._lock = threading.Lock()  # one command and its collectives at a time
+        self._failure: str | None = None
+        self._failed = threading.Event()
+        self._closed = False
+        self._drops: deque[int] = deque()  # cores whose caches were garbage-collected on rank 0
+        self._core_ids = itertools.count()
+        self._threads_before = threads_before
+        # At interpreter exit (or if the link is dropped unclosed): end the workers, leave the group.
+        self._finalizer = weakref.finalize(self, _reap, [w.process for w in workers], [w.conn for w in workers],
+                                           group=group)
+        self._watcher = threading.Thread(target=self._watch, name="nvlm-tp-watcher", daemon=True)
+        self._watcher.start()
+
+    # --- what the decode core and the decoder call ------------------------------------------
+
+    def new_cache(self, layer_devices: Sequence[torch.device], **settings: Any) -> MirroredKVCache:
+        """A KV cache for a new decode core, mirrored on every worker."""
+        core = next(self._core_ids)
+        max_tokens = settings.get("max_tokens")
+        self.send(Command("new_cache", core, (settings["max_capacity"], -1 if max_tokens is None else max_tokens,
+                                              settings["max_slots"], settings["kv_heads"], settings["head_dim"])))
+        cache = MirroredKVCache(self, core, layer_devices, **settings)
+        weakref.finalize(cache, self._drops.append, core)
+        return cache
+
+    @contextmanager
+    def prefill(self, kv: MirroredKVCache, slot: int, embeds: torch.Tensor, start: int) -> Iterator[None]:
+        """Start the workers on a prefill chunk; rank 0 runs its own layers inside the block."""
+        with self._guard():
+            self._send(Command("prefill", kv.core_id, (slot, start, embeds.shape[1])))
+            self._group.broadcast(embeds.contiguous())
+            yield
+
+    @contextmanager
+    def decode(self, kv: MirroredKVCache, hidden: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
+               window: int) -> Iterator[None]:
+        """Start the workers on a decode step; rank 0 runs its own layers inside the block."""
+        with self._guard():
+            self._send(Command("decode", kv.core_id, (hidden.shape[0], window)))
+            self._group.broadcast(hidden.contiguous())
+            self._group.broadcast(torch.stack([positions, write_slots]).to(hidden.device, torch.long))
+            yield
+
+    def send(self, command: Command) -> None:
+        """Send one command that needs no collective (cache bookkeeping)."""
+        with self._guard():
+            self._send(command)
+
+    # --- inspection and shutdown ----------------------------------------------------------
+
+    def worker_stats(self) -> list[dict[str, Any]]:
+        """Each worker's resident tensors (`weights`: name -> bytes) and KV caches (`kv`: core -> bytes)."""
+        with self._guard():
+            self._send(Command("stats"))
+            return [w.conn.recv() for w in self._workers]
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers]
+
+    @property
+    def exitcodes(self) -> list[int | None]:
+        """Each worker's exit code (None while it runs; 0 after a clean `close()`)."""
+        return [w.process.exitcode for w in self._workers]
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Stop the workers and shut the group down; later calls fail with `TensorParallelError`."""
+        locked = self._lock.acquire(timeout=TIMEOUT_S)  # a step in flight ends first (or is cut off)
+        try:
+            self._shutdown(graceful=locked and self._failure is None)
+        finally:
+            if locked:
+                self._lock.release()
+
+    # --- internals ------------------------------------------------------------------------
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Hold the lock; on any failure shut everything down (the ranks are out of step)."""
+        with self._lock:
+            self._check()
+            try:
+                yield
+            except Exception as e:
+                self._failed.wait(2.0)  # the watcher names the worker that died, if one did
+                self._fail(f"step failed on rank 0 ({type(e).__name__}: {e})")
+                self._shutdown(graceful=False)
+                raise TensorParallelError(self._message()) from e
+            except BaseException:  # KeyboardInterrupt mid-step: the workers cannot be resynced
+                self._fail("step interrupted on rank 0")
+                self._shutdown(graceful=False)
+                raise
+
+    def _check(self) -> None:
+        if self._failure is not None:
+            self._shutdown(graceful=False)
+            raise TensorParallelError(self._message())
+        if self._closed:
+            raise TensorParallelError("the tensor-parallel engine was closed (engine.close()); recreate it to "
+                                      "generate again.")
+
+    def _message(self) -> str:
+        return (f"tensor-parallel {self._failure}; the engine was shut down; recreate it "
+                f"(NVLMEngine.from_pretrained(..., tensor_parallel={self.tp})).")
+
+    def _fail(self, reason: str) -> None:
+        if self._failure is None:
+            self._failure = reason
+        self._failed.set()
+
+    def _send(self, command: Command) -> None:
+        drops: list[int] = []
+        while self._drops:
+            drops.append(self._drops.popleft())
+        command = replace(command, drops=tuple(drops)) if drops else command
+        for worker in self._workers:
+            worker.conn.send(command)
+
+    def _watch(self) -> None:
+        """Wait on every worker's process handle; the first to exit ends the engine."""
+        sentinels = {w.process.sentinel: w for w in self._workers}
+        while not self._closed:
+            ready = multiprocessing.connection.wait(list(sentinels), timeout=0.5)
+            if not ready or self._closed:
+                continue
+            dead = sorted((sentinels[s] for s in ready), key=lambda w: (not (w.process.exitcode or 0) < 0, w.rank))
+            worker = dead[0]
+            worker.process.join(0.1)
+            self._fail(f"worker rank {worker.rank} exited (code {worker.process.exitcode})")
+            for other in self._workers:  # a peer blocked in a collective with the dead one fails at once
+                if other.process.is_alive():
+                    other.process.kill()
+            if self._lock.acquire(blocking=False):  # idle: shut down now; else the step in flight does
+                try:
+                    self._shutdown(graceful=False)
+                finally:
+                    self._lock.release()
+            return
+
+    def _shutdown(self, *, graceful: bool) -> None:
+        """Stop every worker (politely when `graceful`), reap them, shut the group down."""
+        if self._closed:
+            return
+        self._closed = True
+        if graceful:
+            for worker in self._workers:
+                try:
+                    worker.conn.send(Command("stop"))
+                except OSError:
+                    pass
+        self._finalizer.detach()
+        _reap([w.process for w in self._workers], [w.conn for w in self._workers],
+              wait_s=_STOP_WAIT_S if graceful else 0.0, group=self._group)
+        if threading.current_thread() is not self._watcher:  # thread settings are per thread for OpenMP
+            torch.set_num_threads(self._threads_before)
+            self._watcher.join(timeout=2.0)
+
+
+def _reap(processes: list[Any], conns: list[multiprocessing.connection.Connection], wait_s: float = 2.0,
+          group: Group | None = None) -> None:
+    """Close the pipes (an idle worker exits on their end), join `processes` for up to `wait_s`
+    seconds, kill the rest, leave the group. Also what runs at interpreter exit."""
+    for conn in conns:
+        conn.close()
+    for process in processes:
+        process.join(wait_s)
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+        process.join(_STOP_WAIT_S)
+    if group is not None:
+        group.shutdown()
+
+
+def load_tensor_parallel(folder: Path, config: NVLMConfig, infos: Mapping[str, TensorInfo], *, tp: int,
+                         device_map: Any, dtype: str | torch.dtype | None, context_length: int,
+                         timeout_s: float = TIMEOUT_S) -> torch.nn.Module:
+    """Start the workers, load rank 0's model, join the group; returns rank 0's model, linked.
+
+    Raises:
+        TensorParallelOptionsError: a size or device map tensor parallelism cannot use.
+        TensorParallelError: a worker failed to load its shard or exited while loading.
+    """
+    check_tp_size(config.llm, tp)
+    devices = rank_devices(device_map, tp)
+    compute_dtype = resolve_dtype(dtype, devices[0])
+    backend = "nccl" if devices[0].type == "cuda" else "gloo"
+    threads_before = torch.get_num_threads()
+    threads = max(1, (os.cpu_count() or 1) // tp) if devices[0].type == "cpu" else threads_before
+    store = dist.TCPStore("127.0.0.1", 0, tp, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=timeout_s))
+    context = torch.multiprocessing.get_context("spawn")
+    layers = layer_infos(infos)
+    workers: list[_Worker] = []
+    try:
+        for rank in range(1, tp):
+            ours, theirs = context.Pipe(duplex=True)
+            spec = WorkerSpec(rank=rank, tp=tp, port=store.port, backend=backend, device=str(devices[rank]),
+                              dtype=compute_dtype, config=config, context_length=context_length, infos=layers,
+                              timeout_s=timeout_s, threads=threads, parent_pid=os.getpid())
+            process = context.Process(target=worker_main, args=(spec, theirs), daemon=True,
+                                      name=f"nvlm-tp-rank{rank}")
+            process.start()
+            theirs.close()
+            workers.append(_Worker(rank, process, ours))
+        torch.set_num_threads(threads)
+        model = _load_rank0(config, infos, layers, tp=tp, device=devices[0], dtype=compute_dtype,
+                            context_length=context_length)
+        _wait_loaded(workers)
+        group = Group(backend, store.port, 0, tp, timeout_s, store=store)
+    except BaseException:
+        _reap([w.process for w in workers], [w.conn for w in workers], wait_s=0.0)
+        torch.set_num_threads(threads_before)
+        raise
+    link = TensorParallelLink(workers, tp=tp, group=group, threads_before=threads_before)
+    model.tp_link = link
+    model.tp_reduce = group.all_reduce
+    logger.info("tensor parallel x%d (%s) on %s: workers %s", tp, backend, [str(d) for d in devices], link.worker_pids)
+    return model
+
+
+def _load_rank0(config: NVLMConfig, infos: Mapping[str, TensorInfo], layers: Mapping[str, TensorInfo], *, tp: int,
+                device: torch.device, dtype: torch.dtype, context_length: int) -> torch.nn.Module:
+    """Rank 0's model: everything but the decoder layers whole, its slice of every layer tensor."""
+    model = build_rank0_model(config, context_length, tp)
+    head = "language_model.lm_head.weight"
+    # CPU GEMM kernels read a column-major LM head faster at small batches (as `loading.py` does).
+    column_major = frozenset({head}) if device.type == "cpu" else frozenset()
+    rest = {n: i for n, i in infos.items() if n not in layers}
+    fill_model(model, rest, device_of=lambda _: device, dtype=dtype, column_major=column_major)
+    fill_shards(model, layers, rank=0, tp=tp, device=device, dtype=dtype)
+    rebuild_rotary(model, device)
+    leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    assert not leftovers, f"tensors left on meta after loading: {leftovers[:5]}"
+    model.prepare_for_inference()
+    return model
+
+
+def _wait_loaded(workers: list[_Worker]) -> None:
+    """Wait until every worker reports its shard loaded; a failure report or an exit raises."""
+    pending = {w.rank: w for w in workers}
+    while pending:
+        handles = [h for w in workers for h in ((w.conn,) if w.rank in pending else ()) + (w.process.sentinel,)]
+        multiprocessing.connection.wait(handles)
+        for worker in workers:
+            if worker.rank in pending and worker.conn.poll():
+                try:
+                    kind, detail = worker.conn.recv()
+                except EOFError:
+                    kind, detail = "failed", "it exited before reporting"
+                if kind != "loaded":
+                    raise TensorParallelError(f"tensor-parallel worker rank {worker.rank} failed to load its shard "
+                                              f"({detail}); fix the cause and load the engine again.")
+                del pending[worker.rank]
+            elif not worker.process.is_alive():
+                worker.process.join(0.1)
+                raise TensorParallelError(f"tensor-parallel worker rank {worker.rank} exited while loading (code "
+                                          f"{worker.process.exitcode}); check its output above, then load again.")

@@ -1,0 +1,222 @@
+"""A tensor-parallel worker rank: its process, its shard of the decoder layers, its mirror of the KV caches.
+
+Rank 0 (the engine's process, `tp_executor.py`) starts one such process per other rank. The
+worker reads its slice of every decoder-layer tensor (`tensor_parallel.fill_shards`), reports
+"loaded" through its pipe, joins the process group, and then serves `Command`s from the pipe
+in order, forever:
+
+- `new_cache` / `ensure` / `copy_prefix`: the same operation on its own `KVCache` of that core
+  (its KV heads only), so every cache stays in step with rank 0's;
+- `prefill` / `decode`: receive the layer inputs by broadcast (embeddings [1, S, hidden]; or
+  the step's token embeddings [B, 1, hidden] with positions and write slots), then run
+  `decoder.prefill_hidden` / `decode_hidden` on its shard; the all-reduces inside pair with
+  rank 0's. It computes no logits: rank 0 alone does, and samples;
+- `stats`: reply with the bytes of every tensor it holds (what tests measure);
+- `stop`: leave the process group and exit.
+
+Commands come by pipe, not by collective: an idle worker blocks on the pipe with no timeout,
+and the pipe's end of file says rank 0 is gone. A worker also exits when its parent process
+changes (rank 0 killed), so none is left behind. Any failure is printed and ends the process
+with a non-zero code, which rank 0's watcher turns into a `TensorParallelError`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import TensorInfo
+from .config import NVLMConfig
+
+
+@dataclass(frozen=True)
+class Command:
+    """One instruction from rank 0 to every worker (sent by pipe; our own process group only).
+
+    Attributes:
+        op: "new_cache", "prefill", "decode", "stats", "stop", or a `KVCache` method that
+            changes the cache (`MIRRORED_CACHE_METHODS`), called with `args` and `kwargs`.
+        core: the decode core (KV cache) it applies to.
+        args, kwargs: the operation's arguments (ints).
+        drops: caches of cores rank 0 no longer has; the worker frees them first.
+    """
+
+    op: str
+    core: int = -1
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    drops: tuple[int, ...] = ()
+
+
+# The `KVCache` methods that change a cache: rank 0's `MirroredKVCache` sends each call to the workers.
+MIRRORED_CACHE_METHODS = ("ensure", "copy_prefix")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker process needs to load its shard and join the group."""
+
+    rank: int
+    tp: int
+    port: int
+    backend: str
+    device: str
+    dtype: torch.dtype
+    config: NVLMConfig
+    context_length: int
+    infos: dict[str, TensorInfo]  # the decoder-layer tensors only
+    timeout_s: float
+    threads: int
+    parent_pid: int
+
+
+class Group:
+    """The engine's own process group: its ranks only, not torch.distributed's default group.
+
+    Being nobody's default group, several tensor-parallel engines (or a user's own
+    `init_process_group`) can live in one process. `timeout_s` bounds a collective that waits
+    on a live but stuck peer; a dead peer's closed connection fails a collective at once.
+    """
+
+    def __init__(self, backend: str, port: int, rank: int, tp: int, timeout_s: float,
+                 store: dist.TCPStore | None = None) -> None:
+        timeout = timedelta(seconds=timeout_s)
+        if store is None:
+            store = dist.TCPStore("127.0.0.1", port, tp, is_master=False, timeout=timeout)
+        self.store = store  # kept alive as long as the group
+        prefixed = dist.PrefixStore("nvlm-tp", store)
+        if backend == "gloo":
+            self.pg: Any = dist.ProcessGroupGloo(prefixed, rank, tp, timeout)
+        else:
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            self.pg = dist.ProcessGroupNCCL(prefixed, rank, tp, options)
+        self._root = dist.BroadcastOptions()
+        self._root.rootRank = 0
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over every rank, in place (the row-parallel linears' partial outputs)."""
+        self.pg.allreduce([tensor]).wait()
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        """Rank 0's `tensor` into every other rank's `tensor`, in place."""
+        self.pg.broadcast([tensor], self._root).wait()
+
+    def shutdown(self) -> None:
+        """Leave the group (connections closed); the group cannot be used afterwards."""
+        try:
+            self.pg.shutdown()
+        except Exception:  # noqa: BLE001, S110 (already broken by a dead peer: nothing left to close)
+            pass
+
+
+def worker_main(spec: WorkerSpec, conn: Connection) -> None:
+    """Entry point of worker rank `spec.rank` (a spawned process)."""
+    _exit_with_parent(spec.parent_pid)
+    try:
+        model = _load(spec)
+    except Exception as e:  # noqa: BLE001 (any failure: reported to rank 0, which raises it)
+        traceback.print_exc()
+        conn.send(("failed", f"{type(e).__name__}: {e}"))
+        sys.exit(1)
+    from .tensor_parallel import tensor_bytes
+
+    conn.send(("loaded", sum(tensor_bytes(model).values())))
+    group: Group | None = None
+    try:
+        group = Group(spec.backend, spec.port, spec.rank, spec.tp, spec.timeout_s)
+        model.tp_reduce = group.all_reduce
+        with torch.inference_mode():
+            _serve(spec, model, conn, group)
+    except Exception:  # noqa: BLE001 (any failure ends the process; rank 0's watcher reports it)
+        print(f"nvlm-engine tensor-parallel worker rank {spec.rank} failed:", file=sys.stderr)
+        traceback.print_exc()
+        sys.exit(1)
+    finally:
+        if group is not None:
+            group.shutdown()
+
+
+def _load(spec: WorkerSpec) -> torch.nn.Module:
+    from .tensor_parallel import WorkerModel, fill_shards, rebuild_rotary
+
+    device = torch.device(spec.device)
+    torch.set_num_threads(spec.threads)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model = WorkerModel(spec.config, spec.context_length, spec.tp)
+    fill_shards(model, spec.infos, rank=spec.rank, tp=spec.tp, device=device, dtype=spec.dtype)
+    rebuild_rotary(model, device)
+    return model.eval()
+
+
+def _serve(spec: WorkerSpec, model: torch.nn.Module, conn: Connection, group: Group) -> None:
+    """Run rank 0's commands until "stop" or until rank 0 is gone."""
+    from .decoder import decode_hidden, prefill_hidden
+    from .kv_cache import KVCache
+    from .tensor_parallel import tensor_bytes
+
+    device = torch.device(spec.device)
+    layers = model.language_model.model.layers
+    hidden_size = spec.config.llm.hidden_size
+    caches: dict[int, KVCache] = {}
+    while True:
+        try:
+            command: Command = conn.recv()
+        except EOFError:  # rank 0 closed its end (or died): nothing more will come
+            return
+        for core in command.drops:
+            caches.pop(core, None)
+        op, args = command.op, command.args
+        if op == "stop":
+            return
+        if op == "new_cache":
+            capacity, max_tokens, max_slots, kv_heads, head_dim = args
+            attn = layers[0].self_attn
+            assert (kv_heads, head_dim) == (attn.k_proj.out_features // attn.head_dim, attn.head_dim), "shard mismatch"
+            caches[command.core] = KVCache([device] * len(layers), kv_heads=kv_heads, head_dim=head_dim,
+                                           dtype=spec.dtype, max_capacity=capacity,
+                                           max_tokens=None if max_tokens < 0 else max_tokens, max_slots=max_slots)
+        elif op in MIRRORED_CACHE_METHODS:
+            getattr(caches[command.core], op)(*args, **command.kwargs)
+        elif op == "prefill":
+            slot, start, length = args
+            embeds = torch.empty((1, length, hidden_size), dtype=spec.dtype, device=device)
+            group.broadcast(embeds)
+            prefill_hidden(model, caches[command.core], slot, embeds, start)
+        elif op == "decode":
+            rows, window = args
+            hidden = torch.empty((rows, 1, hidden_size), dtype=spec.dtype, device=device)
+            step = torch.empty((2, rows), dtype=torch.long, device=device)
+            group.broadcast(hidden)
+            group.broadcast(step)
+            decode_hidden(model, caches[command.core], hidden, step[0], step[1], window)
+        elif op == "stats":
+            conn.send({"weights": tensor_bytes(model), "kv": {c: kv.nbytes for c, kv in caches.items()},
+                       "kv_heads": {c: kv.kv_heads for c, kv in caches.items()}})
+        else:
+            raise AssertionError(f"unknown command {op!r}")
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Exit at once if rank 0's process goes away (then nobody can stop this one)."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="nvlm-tp-parent-watch", daemon=True).start()
