@@ -249,3 +249,24 @@ def test_plan_takes_an_id_from_the_cache(hub_cache: Path, real_72b: Path) -> Non
     missing = CliRunner().invoke(main, ["plan", "nvidia/other", "--gpus", "2xH200", "--download"])
     assert missing.exit_code == 4 and "HF_HUB_OFFLINE is set" in missing.output
     shutil.rmtree(hub_cache)
+
+
+def test_nvlm_chat_answers_from_a_hub_id_offline(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """`nvlm-chat -m org/name` finds the id in the Hugging Face cache with the network off, and
+    `--download` of an id that is not there is refused offline, in one line, naming HF_HUB_OFFLINE."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "hub"
+    write_hub_repo(cache, "acme/nvlm-tiny", tiny_checkpoint)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("HF_", "NVLM_"))},
+           "HF_HOME": str(tmp_path), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    chat = [str(Path(sys.executable).parent / "nvlm-chat"), "--device-map", "cpu", "--max-tokens", "3"]
+    answered = subprocess.run([*chat, "-m", "acme/nvlm-tiny", "Hi"], capture_output=True, text=True, timeout=300,
+                              env=env, check=False)
+    assert answered.returncode == 0, answered.stderr
+    assert answered.stdout.strip()
+    refused = subprocess.run([*chat, "-m", "acme/absent", "--download", "Hi"], capture_output=True, text=True,
+                             timeout=300, env=env, check=False)
+    assert refused.returncode == 4  # exit_codes.MODEL
+    assert "HF_HUB_OFFLINE" in refused.stderr and "Traceback" not in refused.stderr
