@@ -22,11 +22,11 @@ with a non-zero code, which rank 0's watcher turns into a `TensorParallelError`.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -81,6 +81,9 @@ class WorkerSpec:
     parent_pid: int
 
 
+logger = logging.getLogger(__name__)
+
+
 class Group:
     """The engine's own process group: its ranks only, not torch.distributed's default group.
 
@@ -123,12 +126,13 @@ class Group:
 
 
 def worker_main(spec: WorkerSpec, conn: Connection) -> None:
-    """Entry point of worker rank `spec.rank` (a spawned process)."""
+    """Entry point of worker rank `spec.rank` (a spawned process; its log lines go to stderr)."""
+    logging.basicConfig(level=logging.WARNING, format=f"%(levelname)s nvlm-engine TP rank {spec.rank}: %(message)s")
     _exit_with_parent(spec.parent_pid)
     try:
         model = _load(spec)
-    except Exception as e:  # noqa: BLE001 (any failure: reported to rank 0, which raises it)
-        traceback.print_exc()
+    except Exception as e:
+        logger.exception("tensor-parallel worker rank %d failed to load its shard", spec.rank)
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         sys.exit(1)
     from .tensor_parallel import tensor_bytes
@@ -140,9 +144,8 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
         model.tp_reduce = group.all_reduce
         with torch.inference_mode():
             _serve(spec, model, conn, group)
-    except Exception:  # noqa: BLE001 (any failure ends the process; rank 0's watcher reports it)
-        print(f"nvlm-engine tensor-parallel worker rank {spec.rank} failed:", file=sys.stderr)
-        traceback.print_exc()
+    except Exception:
+        logger.exception("tensor-parallel worker rank %d failed", spec.rank)
         sys.exit(1)
     finally:
         if group is not None:

@@ -55,13 +55,10 @@ logger = logging.getLogger(__name__)
 class ChatNVLM(BaseChatModel):
     """NVLM-D (InternViT-6B + Qwen2-72B) as a chat model, on your own GPUs or CPU.
 
-    Construction is free: the checkpoint loads on the first call, once per process, and is
-    shared by every `ChatNVLM` on the same folder and placement.
+    Construction is free: the checkpoint loads on first call, once per process and placement.
 
-    Setup:
-        `pip install nvlm-langchain` (add `[pdf]` to read PDFs). `model` is a checkpoint folder or a
-        Hugging Face id found in the local cache (`hf download nvidia/NVLM-D-72B --include '*.safetensors'
-        --include '*.json' --include merges.txt`), or pass `download=True` to fetch it on first load.
+    Setup: `pip install nvlm-langchain` (`[pdf]` reads PDFs); `model` is a checkpoint folder or a
+    Hugging Face id in the local cache (`download=True` fetches one on first load).
 
     Invoke, with images in any LangChain form (standard blocks, OpenAI `image_url`, Anthropic
     `source`, data URLs, local paths), several per message, in any turn:
@@ -87,23 +84,13 @@ class ChatNVLM(BaseChatModel):
     `seed`, `repetition_penalty`, `max_tiles`, `model` (another checkpoint folder), `stop` (alias
     `stop_sequences`), `logprobs`, `top_logprobs`, `presence_penalty`, `frequency_penalty`.
 
-    As ChatOpenAI: the constructor takes its spellings (`model_name`, `max_completion_tokens`,
-    `stop_sequences`, `request_timeout`, one `stop` string), and refuses an argument no field
-    reads, naming the nearest field (there is no `model_kwargs` pass-through: a local engine has
-    nowhere to send one). Answers carry `response_metadata["model_provider"] == "nvlm"` and the
-    model's name (a checkpoint folder's name, not its path); `generate` returns `llm_output`
-    with `token_usage`. `dumpd` / `loads(..., valid_namespaces=["nvlm_langchain"],
-    allowed_objects=[ChatNVLM])` round-trip a model, its API key as the NVLM_API_KEY secret.
-    The remote `profile` is read from the server's `/models` entry on first use (`profile.py`).
+    As ChatOpenAI: its constructor spellings are accepted, an argument no field reads is refused
+    naming the nearest field, and `dumpd` / `loads(..., valid_namespaces=["nvlm_langchain"],
+    allowed_objects=[ChatNVLM])` round-trip a model (see the README on ChatOpenAI conventions).
 
     Remote (`pip install 'nvlm-langchain[remote]'`): with `base_url`, calls go to an
-    OpenAI-compatible server, nvlm-serve or vLLM serving NVLM-D, and `model` is the served
-    model name. The same calls work (images, streaming with usage, batch, tools, structured
-    output, where the server supports them); images are sent as data URLs, and vLLM's NVLM-D
-    quirks are handled (`top_p` always sent, the model card's system prompt by default):
-        ```python
-        llm = ChatNVLM(base_url="http://gpu-host:8000/v1", model="nvidia/NVLM-D-72B")  # key: NVLM_API_KEY
-        ```
+    OpenAI-compatible server (nvlm-serve, or vLLM serving NVLM-D, its quirks handled) and `model`
+    is the served name: `ChatNVLM(base_url="http://gpu-host:8000/v1", model="nvidia/NVLM-D-72B")`.
     """
 
     model: str = Field(alias="model_name",
