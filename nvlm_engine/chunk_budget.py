@@ -1,14 +1,19 @@
 """How many prompt tokens a step may prefill while other requests are decoding.
 
 A fixed chunk is right on one machine and wrong on the next: on an H200 a 512-token chunk of
-Qwen2-72B costs about what a decode step does, on a CPU it costs 15-20 decode steps, and every
-running stream waits for it. `ChunkBudget` measures both (moving averages of the step's wall
-time, which includes the step's one device sync) and sizes the chunk so that a step that also
-prefills takes at most about `1 + ALLOWANCE` times a decode-only step: running streams keep
-their pace (inter-token gap bounded) while a long prompt is prefilled. With nothing decoding,
-the whole configured chunk is used: nobody waits. Budgets are powers of two, so chunk
-boundaries (and with them the last bits of a prefill's floats) change only when the measured
-speeds really do.
+Qwen2-72B riding along with a decode step costs little more than the step (reading the weights
+dominates), on a CPU it costs several steps, and every running stream waits for it. A step is
+one forward pass over all its tokens (`decoder.mixed_step`), so its time is close to a line in
+the number of tokens it processes, `seconds ~ fixed + per_token * tokens`. `ChunkBudget` fits
+that line to the measured steps (least squares, exponentially weighted so that it follows the
+machine: the step's wall time includes its one device sync) and gives a step with `rows` running
+rows as many prompt tokens as keep it within `1 + ALLOWANCE` times a decode-only step of those
+rows: running streams keep their pace (the inter-token gap is bounded) while a long prompt is
+prefilled. With nothing decoding the whole configured chunk is used: nobody waits. Until the
+line is known (the recent steps had about the same size) a step prefills `MIN_CHUNK` tokens, or
+as many as the last step did, and a budget at most doubles from one step to the next, so one noisy fit costs little. Budgets
+are powers of two, so chunk boundaries (and with them the last bits of a prefill's floats)
+change only when the measured speeds really do.
 
 Knows wall-clock times and token counts; knows nothing of models or requests.
 """
@@ -16,12 +21,13 @@ Knows wall-clock times and token counts; knows nothing of models or requests.
 from __future__ import annotations
 
 MIN_CHUNK = 16  # tokens: below this, per-chunk overheads dominate
-ALLOWANCE = 0.75  # a prefilling step may take this much of a decode step's time more
-_SMOOTHING = 0.2  # weight of the newest measurement in the moving averages
+ALLOWANCE = 1.0  # a prefilling step may take this much of a decode step's time more
+_DECAY = 0.98  # weight of a measurement one step older (the fit follows about the last 50 steps)
+_MIN_SPREAD = float((MIN_CHUNK // 2) ** 2)  # tokens^2: the variance of the steps' sizes needed to trust the line
 
 
 class ChunkBudget:
-    """Prefill tokens per step, sized from measured decode-step time and prefill speed.
+    """Prefill tokens per step, from a line fitted to measured step times vs tokens per step.
 
     Args:
         max_tokens: the configured chunk (`DecodeSettings.chunk_tokens`): never more.
@@ -29,29 +35,45 @@ class ChunkBudget:
 
     def __init__(self, max_tokens: int) -> None:
         self.max_tokens = max(1, max_tokens)
-        self.decode_s: float | None = None  # a decode-only step
-        self.prefill_s_per_token: float | None = None
+        self._sums = (0.0, 0.0, 0.0, 0.0, 0.0)  # weighted count, sum x, sum y, sum x^2, sum xy
+        self._last = MIN_CHUNK  # the last budget given while rows were decoding
 
-    def tokens(self, *, decoding: bool) -> int:
-        """The prefill budget of the next step; `decoding`: rows are waiting for their next token."""
-        if not decoding or self.decode_s is None or self.prefill_s_per_token is None:
+    def tokens(self, *, rows: int) -> int:
+        """The prefill budget of the next step, which decodes `rows` running rows."""
+        if rows == 0:
             return self.max_tokens
-        fitting = int(ALLOWANCE * self.decode_s / max(self.prefill_s_per_token, 1e-9))
-        if fitting >= self.max_tokens:
-            return self.max_tokens
+        self._last = min(self._fitting(rows), 2 * self._last)  # grows by doubling at most: one noisy fit costs little
+        return self._last
+
+    def _fitting(self, rows: int) -> int:
+        line = self.line()
+        if line is None:
+            return min(self._last, self.max_tokens)  # hold: nothing says a change would be better
+        fixed, per_token = line
+        if per_token <= 0:
+            return self.max_tokens  # bigger steps measured no slower: prefill rides along for free
+        fitting = int(ALLOWANCE * max(fixed + per_token * rows, 0.0) / per_token)
         power = MIN_CHUNK  # a power of two: chunk boundaries move only when the speeds really change
-        while power * 2 <= fitting:
+        while power * 2 <= min(fitting, self.max_tokens):
             power *= 2
         return min(power, self.max_tokens)
 
-    def record(self, seconds: float, *, prefilled: int, decoded: bool) -> None:
-        """One step took `seconds`: it prefilled `prefilled` tokens and ran a decode step or not."""
-        if prefilled == 0 and decoded:
-            self.decode_s = _average(self.decode_s, seconds)
-        elif prefilled:
-            prefill = seconds - (self.decode_s or 0.0) if decoded else seconds
-            self.prefill_s_per_token = _average(self.prefill_s_per_token, max(prefill, 0.0) / prefilled)
+    def record(self, seconds: float, *, tokens: int) -> None:
+        """One step took `seconds` over `tokens` tokens (its decode rows plus its prefilled tokens)."""
+        if tokens <= 0:
+            return
+        w, sx, sy, sxx, sxy = (_DECAY * s for s in self._sums)
+        x = float(tokens)
+        self._sums = (w + 1.0, sx + x, sy + seconds, sxx + x * x, sxy + x * seconds)
 
-
-def _average(old: float | None, new: float) -> float:
-    return new if old is None else (1 - _SMOOTHING) * old + _SMOOTHING * new
+    def line(self) -> tuple[float, float] | None:
+        """(seconds of a step's fixed cost, seconds per token), or None while unknown."""
+        w, sx, sy, sxx, sxy = self._sums
+        if w == 0:
+            return None
+        mean_x, mean_y = sx / w, sy / w
+        spread = sxx / w - mean_x * mean_x
+        if spread < _MIN_SPREAD:
+            return None
+        per_token = (sxy / w - mean_x * mean_y) / spread
+        return mean_y - per_token * mean_x, per_token

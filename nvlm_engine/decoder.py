@@ -1,33 +1,45 @@
-"""The Qwen2 decoder pass over the engine's own KV cache: a prefill chunk or one decode step.
+"""The Qwen2 decoder pass over the engine's own KV cache: decode rows and prefill chunks, one pass.
 
 The weights are transformers' `Qwen2ForCausalLM` modules (names equal the checkpoint keys);
 the pass is ours, the same arithmetic as transformers' layer (RMSNorm, RoPE and softmax as it
 computes them, `apply_rotary_pos_emb` is its own function) but reading and writing
-`KVCache` slots:
+`KVCache` slots.
 
-- `prefill_chunk`: positions `start..start+S-1` of one slot (a prompt, or the rest of it after
-  a cached prefix); keys and values are written in place, attention reads the slot's first
-  `start + S` positions, causal.
-- `decode_step`: one new token for each of the first `B` slots (the step's rows); row `i` is
-  slot `i`, its keys are written at its own position, and attention reads
-  `cache[:B, :, :window]` as a view with a mask built on the device from the positions
-  (key position <= query position), so the step needs no host sync and, for a given
-  `(B, window)`, has static shapes: `torch.compile(fullgraph=True)` compiles it once, and on
-  CUDA it runs as a captured graph ("reduce-overhead"). Rows without a live request write to
-  the scratch slot and their logits are ignored.
+A step is one flat sequence of tokens, `[1, N, hidden]`:
 
-Only the last position's logits are computed. Hidden states move between devices when the
-layers are spread over several. Knows the model's modules and the cache's layout; knows nothing
-of requests, sampling or text.
+- first the decode rows, one new token for each of the first `B` slots (row `i` is slot `i`;
+  its keys are written at its own position; rows without a live request write to the scratch
+  slot and their logits are ignored);
+- then the prefill chunks, each positions `start..start+S-1` of one slot (a prompt, or the part
+  of it after a cached prefix or after earlier chunks).
+
+Every linear layer, norm and the rotary embedding run once over all N tokens, so the weights
+are read once per step however the tokens divide between decoding and prefilling (on a GPU a
+decode step is bound by reading the weights, on a CPU a small matmul wastes most of its
+compute: either way, a prefill chunk riding along costs far less than a pass of its own).
+Attention is the only part that differs, and runs per part, each in the form its kernel runs
+fast (`_decode_attention`, `_chunk_attention`).
+
+`decode_step` (decode rows only) has static shapes for a given `(B, window)`: attention reads
+`cache[:B, :, :window]` as a view under a mask built on the device from the positions, so the
+step needs no host sync; `torch.compile(fullgraph=True)` compiles it once, and on CUDA it runs
+as a captured graph ("reduce-overhead"). Steps with chunks run eager.
+
+Only the logits of each decode row and of each chunk's last token that asks for them are
+computed. Hidden states move between devices when the layers are spread over several. Knows
+the model's modules and the cache's layout; knows nothing of requests, sampling or text.
 
 Tensor parallelism (`tensor_parallel.py`, `tp_executor.py`) uses two hooks of the model, both
 None in one process (then nothing else runs): `model.tp_reduce` sums the row-parallel partial
 outputs of `o_proj` and `down_proj` across ranks, and `model.tp_link` (rank 0) hands each
-prefill chunk's or step's layer inputs to the worker ranks, which run `prefill_hidden` /
-`decode_hidden` on their shards at the same time.
+step's layer inputs to the worker ranks, which run `step_hidden` on their shards at the same
+time.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +50,75 @@ from .kv_cache import KVCache
 from .model import NVLMModel
 
 
+class Chunk(NamedTuple):
+    """A prefill chunk of a step: positions `start..start + length - 1` of `slot`.
+
+    Positions before `start` must already hold this sequence's keys and values (earlier chunks,
+    or a cached prefix).
+    """
+
+    slot: int
+    start: int
+    length: int
+
+
+def mixed_step(model: NVLMModel, kv: KVCache, tokens: torch.Tensor | None, positions: torch.Tensor | None,
+               write_slots: torch.Tensor | None, window: int, chunks: Sequence[Chunk] = (),
+               embeds: torch.Tensor | None = None, logits_of: Sequence[int] = ()) -> torch.Tensor:
+    """Decode rows and prefill chunks in one pass; returns fp32 logits [B + len(logits_of), V].
+
+    Args:
+        tokens: [B] the decode rows' token ids (any id for rows without a live request); None: no row.
+        positions: [B] the position each row's token takes (0 for rows without a request).
+        write_slots: [B] the slot each row writes its keys to: its own, or `kv.scratch`.
+        window: cache positions the rows' attention reads; more than every live row's position.
+        chunks: the prefill chunks, in the order of their embeddings in `embeds`.
+        embeds: [1, sum of the chunks' lengths, hidden] (prompt embeddings, images spliced in).
+        logits_of: the chunks (indices into `chunks`) whose last token's logits are wanted (the
+            chunk that ends a prompt); they follow the rows' logits, in this order.
+    """
+    chunks = tuple(chunks)
+    hidden, flat_positions = _step_inputs(model, tokens, positions, chunks, embeds)
+    rows = 0 if tokens is None else tokens.shape[0]
+    slots = write_slots if write_slots is not None else flat_positions[:0]
+    link = getattr(model, "tp_link", None)
+    if link is None:
+        hidden = step_hidden(model, kv, hidden, flat_positions, slots, window, chunks)
+    else:
+        with link.step(kv, hidden, flat_positions, slots, window, chunks):  # the workers run the same step
+            hidden = step_hidden(model, kv, hidden, flat_positions, slots, window, chunks)
+    ends = [rows + sum(c.length for c in chunks[: i + 1]) - 1 for i in logits_of]
+    return _logits(model, hidden, rows, ends)
+
+
+def decode_step(model: NVLMModel, kv: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
+                write_slots: torch.Tensor, window: int) -> torch.Tensor:
+    """One token per row for the first `B` slots; returns logits [B, V] (see `mixed_step`)."""
+    return mixed_step(model, kv, tokens, positions, write_slots, window)
+
+
+def prefill_chunk(model: NVLMModel, kv: KVCache, slot: int, embeds: torch.Tensor, start: int) -> torch.Tensor:
+    """Feed `embeds` [1, S, hidden] at positions `start..start+S-1` of `slot`; returns logits [1, V]."""
+    return mixed_step(model, kv, None, None, None, 0, (Chunk(slot, start, embeds.shape[1]),), embeds, (0,))
+
+
+def _step_inputs(model: NVLMModel, tokens: torch.Tensor | None, positions: torch.Tensor | None,
+                 chunks: tuple[Chunk, ...], embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's flat hidden states [1, N, hidden] and positions [N], rows first, then the chunks."""
+    table = model.language_model.model.embed_tokens
+    device = table.weight.device
+    hidden, flat = [], []
+    if tokens is not None:
+        hidden.append(table(tokens.to(device)))  # [B, hidden]
+        flat.append(positions.to(device))
+    if chunks:
+        hidden.append(embeds[0].to(device))
+        flat.extend(torch.arange(c.start, c.start + c.length, device=device) for c in chunks)
+    if len(hidden) == 1 and len(flat) == 1:
+        return hidden[0][None], flat[0]
+    return torch.cat(hidden)[None], torch.cat(flat)
+
+
 def _inputs_on(device: torch.device, cache: dict, tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
     """The step's small tensors on `device`, moved once per device per step."""
     if device not in cache:
@@ -45,148 +126,114 @@ def _inputs_on(device: torch.device, cache: dict, tensors: dict[str, torch.Tenso
     return cache[device]
 
 
-def _layers(model: NVLMModel, hidden: torch.Tensor, kv: KVCache, positions: torch.Tensor, *,
-            rows: slice, write: tuple[torch.Tensor, ...] | slice, window: int, mask: torch.Tensor | None,
-            causal: bool) -> torch.Tensor:
-    """Run every decoder layer on `hidden` [B, S, hidden]; returns the final hidden states.
+def step_hidden(model: NVLMModel, kv: KVCache, hidden: torch.Tensor, positions: torch.Tensor,
+                write_slots: torch.Tensor, window: int, chunks: tuple[Chunk, ...]) -> torch.Tensor:
+    """Every decoder layer over the step's tokens; returns the last layer's hidden states [1, N, hidden].
 
     Args:
-        rows: the cache slots read as the batch's rows.
-        write: where the new keys/values go: a slice of positions of the single row (prefill),
-            or `(slot_ids [B], positions [B])` index tensors (decode).
-        window: cache positions attention reads.
-        mask: bool [B, 1, S, window] (True = may attend) or None.
-        causal: no mask, top-left causal (a prefill from position 0).
+        hidden: [1, N, hidden], the `B = len(write_slots)` decode rows first, then the chunks.
+        positions: [N] each token's position.
+        write_slots: [B] where each row writes its keys (`mixed_step`).
+        window, chunks: as for `mixed_step`.
     """
     lm = model.language_model
     reduce = getattr(model, "tp_reduce", None)  # tensor parallelism: sum the ranks' partial outputs
-    cos, sin = lm.model.rotary_emb(hidden, positions.to(hidden.device))  # [B, S, D] in hidden's dtype
+    rows = write_slots.shape[0]
+    positions = positions.to(hidden.device)
+    cos, sin = lm.model.rotary_emb(hidden, positions[None])  # [1, N, D] in hidden's dtype
+    small: dict[str, torch.Tensor | None] = {"cos": cos, "sin": sin, "mask": None, "slots": None, "pos": None}
+    if rows:
+        row_positions = positions[:rows]
+        mask = torch.arange(window, device=hidden.device)[None, :] <= row_positions[:, None]  # [B, window]
+        small.update(mask=mask[:, None, None, :], slots=write_slots.to(hidden.device), pos=row_positions)
     moved: dict = {}
-    small = {"cos": cos, "sin": sin, "mask": mask}
-    if isinstance(write, tuple):
-        small.update(slots=write[0], pos=write[1])
     for index, layer in enumerate(lm.model.layers):
         attn = layer.self_attn
-        device = layer.input_layernorm.weight.device
-        step = _inputs_on(device, moved, small)
-        hidden = hidden.to(device)
-        b, s, _ = hidden.shape
+        step = _inputs_on(layer.input_layernorm.weight.device, moved, small)
+        hidden = hidden.to(layer.input_layernorm.weight.device)
+        n, d = hidden.shape[1], attn.head_dim
         x = layer.input_layernorm(hidden)
-        q = attn.q_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)  # [B, H, S, D]
-        k = attn.k_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)  # [B, H_kv, S, D]
-        v = attn.v_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)
+        q = attn.q_proj(x).view(1, n, -1, d).transpose(1, 2)  # [1, H, N, D]
+        k = attn.k_proj(x).view(1, n, -1, d).transpose(1, 2)  # [1, H_kv, N, D]
+        v = attn.v_proj(x).view(1, n, -1, d).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, step["cos"], step["sin"])
-        keys, values = kv.keys[index], kv.values[index]  # [slots + 1, H_kv, capacity, D]
-        if isinstance(write, tuple):
-            keys[step["slots"], :, step["pos"]] = k[:, :, 0].to(keys.dtype)
-            values[step["slots"], :, step["pos"]] = v[:, :, 0].to(values.dtype)
-        else:
-            keys[rows, :, write] = k.to(keys.dtype)
-            values[rows, :, write] = v.to(values.dtype)
-        out = _attention(q, keys[rows, :, :window], values[rows, :, :window], step["mask"], causal, attn.scaling)
+        out = _attend(q, k, v, kv.keys[index], kv.values[index], step, rows=rows, window=window, chunks=chunks,
+                      scale=attn.scaling)
         if reduce is None:
-            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+            hidden = hidden + attn.o_proj(out)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         else:  # o_proj and down_proj are row-parallel: each rank holds a partial sum
-            hidden = hidden + reduce(attn.o_proj(out.transpose(1, 2).reshape(b, s, -1)))
+            hidden = hidden + reduce(attn.o_proj(out))
             hidden = hidden + reduce(layer.mlp(layer.post_attention_layernorm(hidden)))
     return hidden
 
 
-def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, causal: bool,
-               scale: float) -> torch.Tensor:
-    """SDPA of q [B, H, S, D] over keys/values [B, H_kv, W, D] (grouped-query); returns [B, H, S, D].
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+            step: dict, *, rows: int, window: int, chunks: tuple[Chunk, ...], scale: float) -> torch.Tensor:
+    """Write the step's keys/values into one layer's cache, attend per part; returns [1, N, H * D].
 
-    Three shapes of work, each on the form the kernels run fastest (SDPA's `enable_gqa` with a
-    boolean mask falls back to a slow path: 3-10x per decode step on the CPU, the math kernel on
-    CUDA):
-    - no mask (a prefill from position 0): causal, `enable_gqa`;
-    - a prefill chunk after position 0: causal aligned to the last key (`causal_lower_right`,
-      which flash / memory-efficient kernels take), each key/value head repeated for its group;
-    - one token per row (decode): the `G = H / H_kv` query heads sharing a key/value head become
-      G queries of that head ([B, H_kv, G, D]; query head h reads key/value head h // G, as
-      transformers' `repeat_kv` pairs them) under the row's [B, 1, 1, W] mask.
+    q [1, H, N, D] and k, v [1, H_kv, N, D] are the step's flat tokens; keys/values the layer's
+    cache [slots + 1, H_kv, capacity, D].
     """
-    b, h, s, d = q.shape
+    parts = []
+    if rows:
+        keys[step["slots"], :, step["pos"]] = k[0, :, :rows].transpose(0, 1).to(keys.dtype)  # [B, H_kv, D]
+        values[step["slots"], :, step["pos"]] = v[0, :, :rows].transpose(0, 1).to(values.dtype)
+        row_q = q[0, :, :rows].transpose(0, 1)[:, :, None]  # [B, H, 1, D]
+        parts.append(_decode_attention(row_q, keys[:rows, :, :window], values[:rows, :, :window], step["mask"], scale))
+    offset = rows
+    for slot, start, length in chunks:
+        end = start + length
+        keys[slot, :, start:end] = k[0, :, offset : offset + length].to(keys.dtype)
+        values[slot, :, start:end] = v[0, :, offset : offset + length].to(values.dtype)
+        chunk_q = q[:, :, offset : offset + length]  # [1, H, S, D]
+        parts.append(_chunk_attention(chunk_q, keys[slot : slot + 1, :, :end], values[slot : slot + 1, :, :end],
+                                      start, scale))
+        offset += length
+    return (parts[0] if len(parts) == 1 else torch.cat(parts))[None]
+
+
+def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """One query token per row: q [B, H, 1, D] over keys/values [B, H_kv, W, D] under mask [B, 1, 1, W]; [B, H * D].
+
+    The `G = H / H_kv` query heads sharing a key/value head become G queries of that head
+    ([B, H_kv, G, D]; query head h reads key/value head h // G, as transformers' `repeat_kv`
+    pairs them): SDPA's `enable_gqa` with a boolean mask falls back to a slow path (3-10x per
+    decode step on the CPU, the math kernel on CUDA).
+    """
+    b, h, _, d = q.shape
+    folded = q.reshape(b, keys.shape[1], h // keys.shape[1], d)
+    return F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=scale).reshape(b, h * d)
+
+
+def _chunk_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
+                     scale: float) -> torch.Tensor:
+    """A prefill chunk: q [1, H, S, D] at positions `start..` over keys/values [1, H_kv, start + S, D]; [S, H * D].
+
+    From position 0 the mask is plain causal (`enable_gqa`, no mask tensor). After it, causal
+    aligned to the last key (`causal_lower_right`, which flash / memory-efficient kernels take),
+    with each key/value head repeated for its group of query heads (a view when there is one).
+    A single token after position 0 reads every key: no mask at all.
+    """
+    _, h, s, d = q.shape
     groups = h // keys.shape[1]
-    if mask is None:
-        return F.scaled_dot_product_attention(q, keys, values, is_causal=causal, scale=scale, enable_gqa=groups > 1)
-    if s > 1:  # a prefill chunk after position 0: its mask is causal aligned to the last key
+    if start == 0 or s == 1:
+        out = F.scaled_dot_product_attention(q, keys, values, is_causal=s > 1, scale=scale, enable_gqa=groups > 1)
+    else:
         w = keys.shape[2]
-        if groups > 1:  # each key/value head for its group of query heads (a view when there is one)
-            keys, values = (t[:, :, None].expand(b, t.shape[1], groups, w, d).reshape(b, h, w, d)
-                            for t in (keys, values))
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(s, w), scale=scale)
-    folded = q.reshape(b, keys.shape[1], groups, d)  # one token: the group's query heads as its queries
-    out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=scale)
-    return out.reshape(b, h, s, d)
+        if groups > 1:
+            keys, values = (t[:, :, None].expand(1, t.shape[1], groups, w, d).reshape(1, h, w, d) for t in (keys, values))
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(s, w), scale=scale)
+    return out[0].transpose(0, 1).reshape(s, h * d)
 
 
-def _logits(model: NVLMModel, hidden: torch.Tensor) -> torch.Tensor:
-    """fp32 logits [B, V] of the last position of `hidden` [B, S, hidden]."""
+def _logits(model: NVLMModel, hidden: torch.Tensor, rows: int, ends: list[int]) -> torch.Tensor:
+    """fp32 logits [rows + len(ends), V]: of the first `rows` tokens of `hidden` [1, N, hidden] and of those at `ends`."""
     lm = model.language_model
-    h = lm.model.norm(hidden[:, -1:, :].to(lm.model.norm.weight.device))
-    return lm.lm_head(h.to(lm.lm_head.weight.device))[:, -1, :].float()
-
-
-def prefill_chunk(model: NVLMModel, kv: KVCache, slot: int, embeds: torch.Tensor, start: int) -> torch.Tensor:
-    """Feed `embeds` [1, S, hidden] at positions `start..start+S-1` of `slot`; returns logits [1, V].
-
-    Positions before `start` must already hold this sequence's keys and values (earlier chunks,
-    or a cached prefix).
-    """
-    link = getattr(model, "tp_link", None)
-    if link is None:
-        return _logits(model, prefill_hidden(model, kv, slot, embeds, start))
-    with link.prefill(kv, slot, embeds, start):  # the workers run the same chunk on their shards
-        hidden = prefill_hidden(model, kv, slot, embeds, start)
-    return _logits(model, hidden)
-
-
-def prefill_hidden(model: NVLMModel, kv: KVCache, slot: int, embeds: torch.Tensor, start: int) -> torch.Tensor:
-    """`prefill_chunk` up to the last layer's hidden states [1, S, hidden] (no norm, no logits)."""
-    s = embeds.shape[1]
-    end = start + s
-    device = embeds.device
-    positions = torch.arange(start, end, device=device)[None]  # [1, S]
-    if start == 0:
-        mask, causal = None, s > 1
-    else:  # queries at start.., keys at 0..end-1: key position <= query position
-        mask = (torch.arange(end, device=device)[None, :] <= positions[0, :, None])[None, None]  # [1, 1, S, end]
-        causal = False
-    rows = slice(slot, slot + 1)
-    return _layers(model, embeds, kv, positions, rows=rows, write=slice(start, end), window=end, mask=mask,
-                   causal=causal)
-
-
-def decode_step(model: NVLMModel, kv: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
-                write_slots: torch.Tensor, window: int) -> torch.Tensor:
-    """One token per row for the first `B` slots; returns logits [B, V].
-
-    Args:
-        tokens: [B] token ids (any id for rows without a live request).
-        positions: [B] the position each token takes (0 for rows without a request).
-        write_slots: [B] the slot each row writes its keys to: its own, or `kv.scratch`.
-        window: cache positions attention reads; more than every live row's position.
-    """
-    table = model.language_model.model.embed_tokens
-    hidden = table(tokens.to(table.weight.device)[:, None])  # [B, 1, hidden]
-    link = getattr(model, "tp_link", None)
-    if link is None:
-        return _logits(model, decode_hidden(model, kv, hidden, positions, write_slots, window))
-    with link.decode(kv, hidden, positions, write_slots, window):  # the workers run the same step
-        hidden = decode_hidden(model, kv, hidden, positions, write_slots, window)
-    return _logits(model, hidden)
-
-
-def decode_hidden(model: NVLMModel, kv: KVCache, hidden: torch.Tensor, positions: torch.Tensor,
-                  write_slots: torch.Tensor, window: int) -> torch.Tensor:
-    """`decode_step` from the token embeddings `hidden` [B, 1, hidden] to the last layer's hidden states."""
-    device = hidden.device
-    b = hidden.shape[0]
-    positions = positions.to(device)
-    mask = torch.arange(window, device=device)[None, :] <= positions[:, None]  # [B, window]
-    return _layers(
-        model, hidden, kv, positions[:, None], rows=slice(0, b), write=(write_slots.to(device), positions),
-        window=window, mask=mask[:, None, None, :], causal=False,
-    )
+    picked = hidden[0, :rows]
+    if ends:
+        chosen = hidden[0, torch.tensor(ends, device=hidden.device)]
+        picked = chosen if not rows else torch.cat([picked, chosen])
+    h = lm.model.norm(picked.to(lm.model.norm.weight.device))
+    return lm.lm_head(h.to(lm.lm_head.weight.device)).float()

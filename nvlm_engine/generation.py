@@ -2,14 +2,19 @@
 
 `DecodeCore` owns the decoding state of one engine (or one scheduler): the KV cache slots
 (`kv_cache.py`), the device-side sampler (`batch_sampling.py`), the prefix index
-(`prefix_cache.py`) and the shared image-embedding cache (`image_cache.py`). Every `step()`:
+(`prefix_cache.py`) and the shared image-embedding cache (`image_cache.py`). Every `step()` is
+one forward pass (`decoder.mixed_step`) over:
 
-1. prefills up to `chunk_tokens` prompt tokens of the requests waiting for it (a long image
-   prompt takes several steps, so running streams never stall for a whole prefill);
-2. samples one token for every row that has logits (rows that just finished their prefill and
-   the running rows), with one host transfer for the whole batch;
-3. hands out text deltas, ends the rows that are done (their slot stays cached for a later
-   request with the same prefix), and runs one decoder step for the rest.
+1. a new token for every running row, and
+2. the next chunks of the prompts waiting to be prefilled, up to a budget of tokens
+   (`chunk_budget.py`) that keeps the step's time within a bound of a decode-only step: a long
+   image prompt is prefilled over several steps, riding along with the running rows (the
+   weights are read once for both), and running streams never stall for a whole prefill;
+
+then samples one token for every row that has logits (the running rows, and the rows whose
+prompt that pass completed) with one host transfer for the whole batch, hands out text
+deltas, and ends the rows that are done (their slot stays cached for a later request with the
+same prefix).
 
 A request whose prompt starts with content a slot already holds (the same conversation's
 previous turn, the same document page) reuses that KV: it takes the idle slot over, or copies
@@ -38,7 +43,7 @@ import torch
 from .batch_sampling import BatchSampler
 from .chunk_budget import ChunkBudget
 from .decode_rows import Row, failed_delta, record_token
-from .decoder import decode_step, prefill_chunk
+from .decoder import Chunk, decode_step, mixed_step
 from .errors import RequestFailedError
 from .generation_records import (  # noqa: F401 (re-exported: the public names of generation)
     Delta,
@@ -210,51 +215,112 @@ class DecodeCore:
 
     @torch.inference_mode()
     def step(self) -> list[Delta]:
-        """Prefill one chunk's worth of prompts, sample a token per ready row, decode one step."""
+        """One forward pass (a token for every running row, the next prompt chunks), then sample."""
         started = time.perf_counter()
-        decoding = bool(self.running)
+        rows = len(self.running)
         deltas = self._place_waiting()
-        prefilled, failed = self._prefill(self.budget.tokens(decoding=decoding))
-        deltas += failed + self._sample()
-        self._decode()
-        self.budget.record(time.perf_counter() - started, prefilled=prefilled, decoded=decoding)
+        chunks, failed = self._next_chunks(self.budget.tokens(rows=rows))
+        deltas += failed
+        deltas += self._forward(chunks)
+        deltas += self._sample()
+        self.budget.record(time.perf_counter() - started, tokens=rows + sum(c.length for _, c in chunks))
         return deltas
 
-    def _prefill(self, budget: int) -> tuple[int, list[Delta]]:
-        """Prefill up to `budget` prompt tokens; returns the tokens prefilled and the failures."""
+    def _next_chunks(self, budget: int) -> tuple[list[tuple[Row, Chunk]], list[Delta]]:
+        """The prompt chunks of this step, up to `budget` tokens, in queue order; and the rows that failed."""
+        chunks: list[tuple[Row, Chunk]] = []
         deltas: list[Delta] = []
-        total = budget
-        while budget > 0 and self.prefilling:
-            row = self.prefilling[0]
+        for row in list(self.prefilling):
+            if budget <= 0:
+                break
             if row.request.cancel.is_set():
-                self.prefilling.popleft()
+                self.prefilling.remove(row)
                 deltas.append(self._end(row, "cancelled"))
                 continue
             try:
-                logits, used = self._prefill_chunk(row, budget)
-            except Exception as e:
-                self.prefilling.popleft()
-                self._release(row, keep=False)
-                deltas.append(failed_delta(row.index, "prefill", "prefilling its prompt", e))
+                if row.embeds is None:
+                    row.embeds = self._embed(row)
+            except Exception as e:  # its images or its prompt: that row only
+                self._fail_prefill(row, e, deltas)
                 continue
-            budget -= used
-            if logits is not None:
-                self.prefilling.popleft()
-                row.embeds = None
-                row.logits = logits[0]
-                self.ready.append(row)
-        return total - budget, deltas
+            length = min(len(row.request.prompt_ids) - row.length, budget)
+            chunks.append((row, Chunk(row.slot, row.length, length)))
+            budget -= length
+        return chunks, deltas
 
-    def _prefill_chunk(self, row: Row, budget: int) -> tuple[torch.Tensor | None, int]:
-        """Prefill the next up-to-`budget` prompt tokens of `row`; logits once the prompt is all in."""
-        prompt = row.request.prompt_ids
-        if row.embeds is None:
-            row.embeds = self._embed(row)
-        end = min(len(prompt), row.length + budget)
-        logits = prefill_chunk(self.model, self.kv, row.slot, row.embeds[:, row.length : end], row.length)
-        self.prefix.extend(row.slot, row.keys[row.length : end])
-        used, row.length = end - row.length, end
-        return (logits if end == len(prompt) else None), used
+    def _forward(self, chunks: list[tuple[Row, Chunk]]) -> list[Delta]:
+        """Run the step's forward pass; a pass with chunks that fails is retried part by part,
+        so a failing prompt ends its own request alone."""
+        try:
+            self._run(chunks)
+            return []
+        except Exception:
+            if not chunks:
+                raise  # the running rows' step itself: not one request's fault
+        deltas: list[Delta] = []
+        self._run([])
+        for row, chunk in chunks:
+            try:
+                self._run([(row, chunk)], decode=False)
+            except Exception as e:
+                self._fail_prefill(row, e, deltas)
+        return deltas
+
+    def _fail_prefill(self, row: Row, error: Exception, deltas: list[Delta]) -> None:
+        self.prefilling.remove(row)
+        self._release(row, keep=False)
+        deltas.append(failed_delta(row.index, "prefill", "prefilling its prompt", error))
+
+    def _run(self, chunks: list[tuple[Row, Chunk]], *, decode: bool = True) -> None:
+        """One forward over the running rows' new tokens (unless `decode` is False) and `chunks`.
+
+        The rows' logits land in `self.logits` (row i = slot i); a chunk that ends its prompt
+        gives its row logits and moves it to `ready`.
+        """
+        running = self.running if decode else {}
+        if not running and not chunks:
+            if decode:
+                self.logits = None
+            return
+        rows = window = 0
+        tokens = positions = writes = None
+        if running:
+            top = max(running) + 1
+            longest = max(row.length for row in running.values()) + 1
+            rows, window = (_bucket(top, 1), _bucket(longest, 256)) if self._step and not chunks else (top, longest)
+            rows, window = min(rows, self.kv.slots), min(window, self.kv.capacity)
+            step = [[self.ids.pad] * rows, [0] * rows, [self.kv.scratch] * rows]
+            for slot, row in running.items():
+                step[0][slot], step[1][slot], step[2][slot] = row.next_token, row.length, slot
+            host = torch.tensor(step, dtype=torch.long)  # [3, rows], on the host
+            if self.embed_device.type == "cuda" and torch.cuda.is_available():
+                host = host.pin_memory()
+            tokens, positions, writes = host.to(self.embed_device, non_blocking=True)  # host -> device: no sync
+        prompts = [row.request.prompt_ids for row, _ in chunks]
+        ends = [i for i, (row, chunk) in enumerate(chunks) if chunk.start + chunk.length == len(prompts[i])]
+        if chunks:
+            embeds = torch.cat([row.embeds[:, c.start : c.start + c.length] for row, c in chunks], dim=1)
+            logits = mixed_step(self.model, self.kv, tokens, positions, writes, window,
+                                tuple(c for _, c in chunks), embeds, ends)
+        else:
+            logits = (self._step or decode_step)(self.model, self.kv, tokens, positions, writes, window)
+            if self._step is not None:
+                logits = logits.clone()  # a CUDA graph's output is overwritten by its next replay
+        if running:
+            self.logits = logits[:rows]
+            for slot, row in running.items():
+                self.prefix.extend(slot, [row.next_token])
+                row.length += 1
+        for row, chunk in chunks:
+            end = chunk.start + chunk.length
+            self.prefix.extend(row.slot, row.keys[chunk.start : end])
+            row.length = end
+        for j, i in enumerate(ends):
+            row = chunks[i][0]
+            self.prefilling.remove(row)
+            row.embeds = None
+            row.logits = logits[rows + j]
+            self.ready.append(row)
 
     def _embed(self, row: Row) -> torch.Tensor:
         """Embeddings [1, S, hidden] of the prompt, images spliced in (only when the uncached part has image pads)."""
@@ -327,31 +393,6 @@ class DecodeCore:
                 assert self.logits is not None
                 parts.append(self.logits[row.slot : row.slot + 1])
         return torch.cat(parts)
-
-    def _decode(self) -> None:
-        """Feed each running row its new token; the logits of the next step land in `self.logits`."""
-        if not self.running:
-            self.logits = None
-            return
-        top = max(self.running) + 1
-        longest = max(row.length for row in self.running.values()) + 1
-        rows, window = (_bucket(top, 1), _bucket(longest, 256)) if self.compiled else (top, longest)
-        window = min(window, self.kv.capacity)
-        rows = min(rows, self.kv.slots)
-        tokens, positions, writes = [self.ids.pad] * rows, [0] * rows, [self.kv.scratch] * rows
-        for slot, row in self.running.items():
-            tokens[slot], positions[slot], writes[slot] = row.next_token, row.length, slot
-        step = torch.tensor([tokens, positions, writes], dtype=torch.long)  # [3, rows], on the host
-        if self.embed_device.type == "cuda" and torch.cuda.is_available():
-            step = step.pin_memory()
-        step = step.to(self.embed_device, non_blocking=True)  # host -> device: no sync
-        forward = self._step or decode_step
-        self.logits = forward(self.model, self.kv, step[0], step[1], step[2], window)
-        if self._step is not None:
-            self.logits = self.logits.clone()  # a CUDA graph's output is overwritten by its next replay
-        for slot, row in self.running.items():
-            self.prefix.extend(slot, [row.next_token])
-            row.length += 1
 
     # --- ending --------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ model as `model.tp_link`, and the decode core's model work goes through it uncha
 
 - `DecodeCore._new_cache` asks it for a `MirroredKVCache`, whose `ensure` and `copy_prefix`
   send the same command to every worker (each command names its core, so caches stay apart);
-- `decoder.prefill_chunk` / `decode_step` enter `link.prefill(...)` / `link.decode(...)`: the
+- `decoder.mixed_step` (decode rows and prefill chunks) enters `link.step(...)`: the
   command goes out by pipe, the layer inputs by broadcast, then rank 0 runs its own shard while
   the workers run theirs; one lock keeps each command and its collectives together when
   several threads decode on one engine.
@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import TensorInfo, fill_model
+from .decoder import Chunk
 from .config import NVLMConfig
 from .devices import resolve_dtype
 from .errors import TensorParallelError
@@ -130,21 +131,13 @@ class TensorParallelLink:
         return cache
 
     @contextmanager
-    def prefill(self, kv: MirroredKVCache, slot: int, embeds: torch.Tensor, start: int) -> Iterator[None]:
-        """Start the workers on a prefill chunk; rank 0 runs its own layers inside the block."""
+    def step(self, kv: MirroredKVCache, hidden: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
+             window: int, chunks: tuple[Chunk, ...]) -> Iterator[None]:
+        """Start the workers on a step (`decoder.mixed_step`); rank 0 runs its own layers inside the block."""
         with self._guard():
-            self._send(Command("prefill", kv.core_id, (slot, start, embeds.shape[1])))
-            self._group.broadcast(embeds.contiguous())
-            yield
-
-    @contextmanager
-    def decode(self, kv: MirroredKVCache, hidden: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
-               window: int) -> Iterator[None]:
-        """Start the workers on a decode step; rank 0 runs its own layers inside the block."""
-        with self._guard():
-            self._send(Command("decode", kv.core_id, (hidden.shape[0], window)))
+            self._send(Command("step", kv.core_id, (hidden.shape[1], write_slots.shape[0], window, chunks)))
             self._group.broadcast(hidden.contiguous())
-            self._group.broadcast(torch.stack([positions, write_slots]).to(hidden.device, torch.long))
+            self._group.broadcast(torch.cat([positions, write_slots.to(positions.device)]).to(hidden.device, torch.long))
             yield
 
     def send(self, command: Command) -> None:

@@ -7,10 +7,10 @@ in order, forever:
 
 - `new_cache` / `ensure` / `copy_prefix`: the same operation on its own `KVCache` of that core
   (its KV heads only), so every cache stays in step with rank 0's;
-- `prefill` / `decode`: receive the layer inputs by broadcast (embeddings [1, S, hidden]; or
-  the step's token embeddings [B, 1, hidden] with positions and write slots), then run
-  `decoder.prefill_hidden` / `decode_hidden` on its shard; the all-reduces inside pair with
-  rank 0's. It computes no logits: rank 0 alone does, and samples;
+- `step`: receive the step's layer inputs by broadcast (the flat hidden states [1, N, hidden]
+  of its decode rows and prefill chunks, then their positions and the rows' write slots), then
+  run `decoder.step_hidden` on its shard; the all-reduces inside pair with rank 0's. It
+  computes no logits: rank 0 alone does, and samples;
 - `stats`: reply with the bytes of every tensor it holds (what tests measure);
 - `stop`: leave the process group and exit.
 
@@ -45,7 +45,7 @@ class Command:
     """One instruction from rank 0 to every worker (sent by pipe; our own process group only).
 
     Attributes:
-        op: "new_cache", "prefill", "decode", "stats", "stop", or a `KVCache` method that
+        op: "new_cache", "step", "stats", "stop", or a `KVCache` method that
             changes the cache (`MIRRORED_CACHE_METHODS`), called with `args` and `kwargs`.
         core: the decode core (KV cache) it applies to.
         args, kwargs: the operation's arguments (ints).
@@ -167,7 +167,7 @@ def _load(spec: WorkerSpec) -> torch.nn.Module:
 
 def _serve(spec: WorkerSpec, model: torch.nn.Module, conn: Connection, group: Group) -> None:
     """Run rank 0's commands until "stop" or until rank 0 is gone."""
-    from .decoder import decode_hidden, prefill_hidden
+    from .decoder import step_hidden
     from .kv_cache import KVCache
     from .tensor_parallel import tensor_bytes
 
@@ -194,18 +194,13 @@ def _serve(spec: WorkerSpec, model: torch.nn.Module, conn: Connection, group: Gr
                                            max_tokens=None if max_tokens < 0 else max_tokens, max_slots=max_slots)
         elif op in MIRRORED_CACHE_METHODS:
             getattr(caches[command.core], op)(*args, **command.kwargs)
-        elif op == "prefill":
-            slot, start, length = args
-            embeds = torch.empty((1, length, hidden_size), dtype=spec.dtype, device=device)
-            group.broadcast(embeds)
-            prefill_hidden(model, caches[command.core], slot, embeds, start)
-        elif op == "decode":
-            rows, window = args
-            hidden = torch.empty((rows, 1, hidden_size), dtype=spec.dtype, device=device)
-            step = torch.empty((2, rows), dtype=torch.long, device=device)
+        elif op == "step":
+            tokens, rows, window, chunks = args
+            hidden = torch.empty((1, tokens, hidden_size), dtype=spec.dtype, device=device)
+            flat = torch.empty((tokens + rows,), dtype=torch.long, device=device)  # positions, then the rows' slots
             group.broadcast(hidden)
-            group.broadcast(step)
-            decode_hidden(model, caches[command.core], hidden, step[0], step[1], window)
+            group.broadcast(flat)
+            step_hidden(model, caches[command.core], hidden, flat[:tokens], flat[tokens:], window, chunks)
         elif op == "stats":
             conn.send({"weights": tensor_bytes(model), "kv": {c: kv.nbytes for c, kv in caches.items()},
                        "kv_heads": {c: kv.kv_heads for c, kv in caches.items()}})

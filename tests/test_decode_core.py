@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 
 from nvlm_engine import NVLMEngine, generation
 from nvlm_engine.cores import DecodeSettings
-from nvlm_engine.decoder import decode_step, prefill_chunk
+from nvlm_engine.decoder import decode_step, mixed_step, prefill_chunk
 from nvlm_engine.errors import RequestFailedError
 from nvlm_engine.generation import DecodeCore, Delta, GenerationResult, PreparedRequest
 from nvlm_engine.image_cache import image_key
@@ -301,20 +301,29 @@ def test_chunked_prefill_gives_the_reference_tokens(base: NVLMEngine, monkeypatc
     request = engine.prepare(IMAGE, max_new_tokens=6, logprobs=True)
     calls: list[int] = []
 
-    def counted(model, kv, slot, embeds, start):
-        calls.append(embeds.shape[1])
-        return prefill_chunk(model, kv, slot, embeds, start)
+    def counted(model, kv, tokens, positions, writes, window, chunks, embeds, logits_of):
+        calls.extend(chunk.length for chunk in chunks)
+        return mixed_step(model, kv, tokens, positions, writes, window, chunks, embeds, logits_of)
 
-    monkeypatch.setattr(generation, "prefill_chunk", counted)
+    monkeypatch.setattr(generation, "mixed_step", counted)
     result = engine.run([request])[0]
     n = len(request.prompt_ids)
     assert len(calls) == math.ceil(n / chunk_tokens) and sum(calls) == n
     _expect_reference(engine, request, result)
 
 
-def test_running_rows_get_a_token_every_step_while_a_long_prompt_prefills(base: NVLMEngine) -> None:
+def test_running_rows_get_a_token_every_step_while_a_long_prompt_prefills(base: NVLMEngine, monkeypatch) -> None:
+    """...in the same forward pass as the prompt's chunk (the weights are read once per step)."""
     engine = _engine(base, chunk_tokens=64)
     core = engine.new_core()
+    passes: list[tuple[int, int]] = []  # (decode rows, chunk tokens) of every forward pass
+
+    def counted(model, kv, tokens, positions, writes, window, chunks=(), embeds=None, logits_of=()):
+        passes.append((0 if tokens is None else tokens.shape[0], sum(c.length for c in chunks)))
+        return mixed_step(model, kv, tokens, positions, writes, window, chunks, embeds, logits_of)
+
+    monkeypatch.setattr(generation, "mixed_step", counted)
+    monkeypatch.setattr(generation, "decode_step", lambda *args: counted(*args))
     running = engine.prepare(TEXT, max_new_tokens=40, logprobs=True)
     newcomer = engine.prepare(TWO_IMAGES, max_new_tokens=5, logprobs=True)  # 2 x 256 image tokens: 8+ chunks
     outcome = _Outcome()
@@ -327,14 +336,43 @@ def test_running_rows_get_a_token_every_step_while_a_long_prompt_prefills(base: 
     prefill_steps = 0
     while _row_of(core, newcomer) in core.prefilling:
         before = len(row.generated)
+        passes.clear()
         outcome.take(core.step())
         assert len(row.generated) == before + 1  # the running row got its token in this step
+        assert len(passes) == 1 and passes[0][0] >= 1 and passes[0][1] > 0, passes  # one pass: the row and a chunk
         prefill_steps += 1
     assert prefill_steps >= (len(newcomer.prompt_ids) - 64) // 64
     assert len(_row_of(core, newcomer).generated) == 1  # sampled in the step its prefill ended
     _drive(core, outcome)
     _expect_reference(engine, running, outcome.results[0])
     _expect_reference(engine, newcomer, outcome.results[1])
+
+
+def test_a_prompt_whose_pass_fails_ends_alone(base: NVLMEngine, monkeypatch) -> None:
+    """A step's pass that fails with a prompt chunk in it is retried part by part: the running row
+    and the other prompt go on, exactly; only the failing prompt's request ends, with an error."""
+    engine = _engine(base, chunk_tokens=4096, prefix_caching=False)
+    core = engine.new_core()
+    running = engine.prepare(TEXT, max_new_tokens=12, logprobs=True)
+    poisoned = engine.prepare(IMAGE, max_new_tokens=5)
+    healthy = engine.prepare(TURNS, max_new_tokens=5, logprobs=True)
+    outcome = _Outcome()
+    outcome.take(core.admit([(0, running)]))
+    outcome.take(core.step())
+    outcome.take(core.admit([(1, poisoned), (2, healthy)]))
+    bad_slot = _row_of(core, poisoned).slot
+
+    def failing(model, kv, tokens, positions, writes, window, chunks=(), embeds=None, logits_of=()):
+        if any(chunk.slot == bad_slot for chunk in chunks):
+            raise RuntimeError("the device ran out of memory")
+        return mixed_step(model, kv, tokens, positions, writes, window, chunks, embeds, logits_of)
+
+    monkeypatch.setattr(generation, "mixed_step", failing)
+    _drive(core, outcome)
+    assert set(outcome.errors) == {1} and "prefilling its prompt" in str(outcome.errors[1])
+    _expect_reference(engine, running, outcome.results[0])
+    _expect_reference(engine, healthy, outcome.results[2])
+    assert not core.busy and bad_slot not in core.running
 
 
 # --- 4. prefix cache ------------------------------------------------------------------------------

@@ -157,7 +157,7 @@ def test_context_overflow_is_refused_before_compute(tiny_engine: NVLMEngine, mon
         raise AssertionError("model compute ran for a request that cannot fit")
 
     monkeypatch.setattr(tiny_engine.model, "encode_images", forbidden)
-    monkeypatch.setattr("nvlm_engine.generation.prefill_chunk", forbidden)
+    monkeypatch.setattr("nvlm_engine.generation.mixed_step", forbidden)
     monkeypatch.setattr("nvlm_engine.generation.decode_step", forbidden)
     with pytest.raises(ContextLengthError) as info:
         tiny_engine.generate(CONVERSATIONS[0], max_new_tokens=tiny_engine.context_length)
