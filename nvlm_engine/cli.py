@@ -3,7 +3,9 @@
 `nvlm-engine plan MODEL --gpus 2xH200` prints where NVLM-D would go on those GPUs and how much
 context fits, from the checkpoint's config and tensor index alone (no weights, no GPU needed),
 how its split compares with the model card's, why the checkpoint is larger on disk than loaded,
-and a `nvlm-chat` command that runs it; when it does not fit, the commands that would. MODEL is
+whether the tensor split (`--tensor-parallel N`) fits and decodes faster, and a `nvlm-chat`
+command that runs the faster; when it does not fit, the commands that would. `--tensor-parallel N`
+plans the tensor split alone, rank by rank. MODEL is
 a folder or a Hugging Face id (its config.json and index from the cache; `--download` fetches
 those two files). Exit codes are the shared table (`exit_codes.py`): a plan that does not fit
 exits 5, a missing or bad checkpoint 4, bad flags 2.
@@ -26,7 +28,8 @@ from .exit_codes import EXIT_CODES_HELP, FAILURE, RESOURCES, USAGE, code_for
 if TYPE_CHECKING:
     import torch
 
-    from .placement import DeviceSpec, Footprint
+    from .placement import DeviceSpec, Footprint, PlanError
+    from .plan_report import Asked
 
 DEFAULT_OVERHEAD = "2GiB"  # placement_sizes.DEFAULT_OVERHEAD_BYTES (kept equal by a test; that module imports torch)
 
@@ -79,6 +82,9 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
 @click.option("--split", type=click.Choice(["balanced", "card"]), default="balanced", show_default=True,
               help="'balanced': layers shared by memory, each GPU within its capacity; 'card': exactly the model "
                    "card's split_model() (GPU 0 counted as half a GPU, shares rounded up, the last layer on GPU 0).")
+@click.option("-t", "--tensor-parallel", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="Plan the tensor split: every decoder layer over N equal GPUs, one rank each (N = the GPU "
+                   "count: 2, 4 or 8 for NVLM-D-72B). 1: the layer split, with the tensor split weighed beside it.")
 @click.option("--first-device-share", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="The first GPU's weight in the balanced split (it also holds the vision tower).")
 @click.option("--overhead", metavar="SIZE", default=DEFAULT_OVERHEAD, show_default=True, callback=_size,
@@ -88,16 +94,21 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
               help="Fetch a Hugging Face id's config.json and tensor index if the cache lacks them (a few hundred KB).")
 @click.option("--debug", is_flag=True, help="Show a traceback on unexpected errors.")
 def plan(model: str, gpus: list[DeviceSpec], dtype: str, quantization: str, context_length: int | None,
-         batch_size: int, cpu_offload: str | None, split: str, first_device_share: float, overhead: str,
-         revision: str | None, download: bool, debug: bool) -> None:
+         batch_size: int, cpu_offload: str | None, split: str, tensor_parallel: int, first_device_share: float,
+         overhead: str, revision: str | None, download: bool, debug: bool) -> None:
     """Show where NVLM-D goes on GPUS and how much context fits.
 
     MODEL is a checkpoint folder (or one with just its config.json and model.safetensors.index.json),
     or a Hugging Face id such as nvidia/NVLM-D-72B found in the local cache. Prints the plan, how
-    its split differs from the model card's, and the nvlm-chat command that runs it; when it does
-    not fit, the reason and commands that would fit (exit 5).
+    its split differs from the model card's, whether the tensor split is faster, and the nvlm-chat
+    command that runs the faster; when it does not fit, the reason and commands that would fit (exit 5).
     """
     ctx = click.get_current_context()
+    if tensor_parallel > 1:
+        given = [flag for flag, on in (("--cpu-offload", cpu_offload), ("--split", split != "balanced"),
+                                       ("--first-device-share", first_device_share != 0.5)) if on]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} belong(s) to the layer split; drop it, or --tensor-parallel.")
     if split == "card" and cpu_offload:
         raise click.UsageError("--split card places layers on GPUs only (the card has no CPU offload); drop "
                                "--cpu-offload, or use --split balanced.")
@@ -106,8 +117,8 @@ def plan(model: str, gpus: list[DeviceSpec], dtype: str, quantization: str, cont
     try:
         click.echo(_plan(model, gpus, dtype=dtype, quantization=None if quantization == "none" else quantization,
                          context_length=context_length, batch_size=batch_size, cpu_offload=cpu_offload, split=split,
-                         first_device_share=first_device_share, overhead=overhead, revision=revision,
-                         download=download))
+                         tensor_parallel=tensor_parallel, first_device_share=first_device_share, overhead=overhead,
+                         revision=revision, download=download))
     except (click.ClickException, click.exceptions.Exit, KeyboardInterrupt, BrokenPipeError):
         raise
     except Exception as e:
@@ -117,15 +128,16 @@ def plan(model: str, gpus: list[DeviceSpec], dtype: str, quantization: str, cont
 
 
 def _plan(model: str, gpus: list[DeviceSpec], *, dtype: str, quantization: str | None, context_length: int | None,
-          batch_size: int, cpu_offload: str | None, split: str, first_device_share: float, overhead: str,
-          revision: str | None, download: bool) -> str:
+          batch_size: int, cpu_offload: str | None, split: str, tensor_parallel: int, first_device_share: float,
+          overhead: str, revision: str | None, download: bool) -> str:
     """The `plan` command's output; library errors propagate (`_failure` words them)."""
     import torch
 
     from .devices import parse_bytes, resolve_dtype
     from .hub import PLAN_FILES, display_name, resolve_checkpoint
     from .placement import DeviceSpec, PlanError, plan_placement
-    from .plan_report import Asked, fix_commands, format_plan, split_note
+    from .placement_tensor import choose_split
+    from .plan_report import Asked, format_plan, split_note
 
     folder = resolve_checkpoint(model, revision=revision, download=download, files=PLAN_FILES)
     footprint = load_footprint(folder, dtype=resolve_dtype(dtype, torch.device("cuda")), quantization=quantization)
@@ -139,15 +151,18 @@ def _plan(model: str, gpus: list[DeviceSpec], *, dtype: str, quantization: str |
     settings: dict[str, Any] = {"context_length": context_length or footprint.config.llm.max_position_embeddings,
                                 "batch_size": batch_size, "overhead_bytes": parse_bytes(overhead)}
     asked = Asked(model=model, revision=revision, dtype=dtype, quantization=quantization,
-                  context_length=context_length, batch_size=batch_size, cpu_offload=cpu_offload, split=split)
+                  context_length=context_length, batch_size=batch_size, cpu_offload=cpu_offload, split=split,
+                  tensor_parallel=tensor_parallel)
+    title = display_name(model, folder)
+    if tensor_parallel > 1:
+        return _tensor_plan(footprint, gpus, asked, title, settings)
     try:
         result = plan_placement(footprint, devices, first_device_share=first_device_share, split=split, **settings)
     except PlanError as e:
-        commands = fix_commands(e, asked, [(g.label or f"{g.memory_bytes / 2**30:g}GiB", g.memory_bytes) for g in gpus])
-        message = e.problem if commands else str(e)
-        if commands:
-            message += "\nWhat would fit (each command runs as is):\n" + "\n".join(f"  {c}" for c in commands)
-        raise _Failure(message, RESOURCES) from e
+        raise _does_not_fit(e, asked, gpus) from e
+    choice = None
+    if split == "balanced" and len(gpus) > 1 and not cpu_offload:
+        choice = choose_split(footprint, gpus, **settings)
     card_fits = None
     if split == "balanced" and len(gpus) > 1 and not cpu_offload:
         try:
@@ -155,8 +170,37 @@ def _plan(model: str, gpus: list[DeviceSpec], *, dtype: str, quantization: str |
             card_fits = True
         except PlanError:
             card_fits = False
-    return format_plan(result, title=display_name(model, folder), split=split_note(result, gpus, card_fits=card_fits),
-                       asked=asked)
+    return format_plan(result, title=title, split=split_note(result, gpus, card_fits=card_fits), asked=asked,
+                       choice=choice)
+
+
+def _tensor_plan(footprint: Footprint, gpus: list[DeviceSpec], asked: Asked, title: str,
+                 settings: dict[str, Any]) -> str:
+    """`plan --tensor-parallel N`: the per-rank table, or why N cannot be used (exit 2) or does not fit (exit 5)."""
+    from .errors import TensorParallelOptionsError
+    from .placement import PlanError
+    from .placement_tensor import estimate_decode, plan_tensor_parallel
+    from .plan_report import format_tensor_plan
+
+    try:
+        result = plan_tensor_parallel(footprint, gpus, tp=asked.tensor_parallel, **settings)
+    except TensorParallelOptionsError as e:
+        raise click.BadParameter(str(e), param_hint="'-t' / '--tensor-parallel'") from e
+    except PlanError as e:
+        raise _does_not_fit(e, asked, gpus) from e
+    estimate = estimate_decode(footprint, gpus[0].label, tp=result.tp, cache_tokens=result.context_length)
+    return format_tensor_plan(result, title=title, asked=asked, estimate=estimate)
+
+
+def _does_not_fit(error: PlanError, asked: Asked, gpus: list[DeviceSpec]) -> click.ClickException:
+    """A plan's `PlanError` as exit 5, with its suggestions as commands that run as is."""
+    from .plan_report import fix_commands, gpu_kinds
+
+    commands = fix_commands(error, asked, gpu_kinds(gpus))
+    message = error.problem if commands else str(error)
+    if commands:
+        message += "\nWhat would fit (each command runs as is):\n" + "\n".join(f"  {c}" for c in commands)
+    return _Failure(message, RESOURCES)
 
 
 class _Failure(click.ClickException):

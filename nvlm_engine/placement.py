@@ -31,6 +31,8 @@ treated alike; the plan is still checked to fit, and GPUs only (no CPU offload).
 This module is the planner. What the model takes in memory is counted in `placement_sizes`,
 the plan's data types are in `placement_plan`, and the error for a plan that cannot fit, with
 its suggestions, is worded in `placement_failure`; their public names are importable from here.
+The tensor-parallel plan (every layer split over equal GPUs) is `placement_tensor.plan_tensor_parallel`,
+which reuses these sizes, reserves and input checks.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from .placement_sizes import (
     LAYERS,
     VISION_CHUNK_TILES,
     Footprint,
+    activation_reserve,
     estimate_activation_bytes,
     format_gib,
     layer_unit,
@@ -70,6 +73,7 @@ __all__ = [
     "Footprint",
     "Plan",
     "PlanError",
+    "check_plan_inputs",
     "estimate_activation_bytes",
     "format_gib",
     "layer_unit",
@@ -114,7 +118,7 @@ def plan_placement(
         PlanError: it does not fit (with shortfall and suggestions), or the inputs are invalid.
         QuantizationError: an FP8 plan on a GPU known to be older than compute capability 8.9.
     """
-    _check_inputs(footprint, devices, context_length, batch_size, first_device_share)
+    check_plan_inputs(footprint, devices, context_length, batch_size, first_device_share)
     sizing = _Sizing(footprint, context_length, batch_size, overhead_bytes, activation_bytes, vision_replicas)
     room = _room(sizing, devices)  # 1. what each device can take
     if split == "card":
@@ -154,10 +158,8 @@ class _Sizing:
 
     def activation(self, first: bool) -> int:
         """Working memory reserved on a device; `first`: it also runs the vision tower."""
-        if self.activation_bytes is not None:
-            return self.activation_bytes
-        return estimate_activation_bytes(self.footprint.config, tokens=self.context_length,
-                                         batch_size=self.batch_size, dtype=self.footprint.dtype, vision=first)
+        return activation_reserve(self.footprint, context_length=self.context_length, batch_size=self.batch_size,
+                                  activation_bytes=self.activation_bytes, vision=first)
 
     @property
     def layer_cost(self) -> int:
@@ -335,8 +337,14 @@ def _failure(sizing: _Sizing, room: _Room, first_device_share: float, suggest: b
                       fits=fits if suggest else None)
 
 
-def _check_inputs(footprint: Footprint, devices: Sequence[DeviceSpec], context_length: int, batch_size: int,
-                  share: float) -> None:
+def check_plan_inputs(footprint: Footprint, devices: Sequence[DeviceSpec], context_length: int, batch_size: int,
+                      share: float = 0.5) -> None:
+    """Refuse inputs no plan can use: no or repeated devices, a CPU listed first, a context or batch out of
+    range, a share outside 0..1, or a quantization a listed GPU cannot run.
+
+    Raises:
+        PlanError: the inputs are invalid. QuantizationError: FP8 on a GPU older than compute capability 8.9.
+    """
     if not devices:
         raise PlanError("No devices to place the model on; give at least one GPU (or the CPU).")
     names = [d.name for d in devices]

@@ -28,6 +28,7 @@ __all__ = [
     "LAYERS",
     "VISION_CHUNK_TILES",
     "Footprint",
+    "activation_reserve",
     "estimate_activation_bytes",
     "format_gib",
     "layer_unit",
@@ -94,18 +95,10 @@ class Footprint:
     unit_bytes: Mapping[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
-        width = self.dtype.itemsize
         sizes: dict[str, int] = {}
         units: dict[str, int] = {u: 0 for u in self.units}
         for name, shape in self.shapes.items():
-            numel = math.prod(shape)
-            stored = self.stored_dtypes.get(name)
-            if self.quantization is not None and is_quantized_weight(name):
-                sizes[name] = self.quantization.linear_bytes(shape[0], shape[1])
-            elif stored in _INTEGER_DTYPES:
-                sizes[name] = numel * _INTEGER_DTYPES[stored]
-            else:
-                sizes[name] = numel * width
+            sizes[name] = self.tensor_size(name, shape)
             unit = unit_of(name)
             if unit not in units:
                 raise CheckpointTensorError(
@@ -115,6 +108,17 @@ class Footprint:
             units[unit] += sizes[name]
         object.__setattr__(self, "tensor_bytes", sizes)
         object.__setattr__(self, "unit_bytes", units)
+
+    def tensor_size(self, name: str, shape: Sequence[int]) -> int:
+        """Bytes tensor `name` takes once loaded with `shape`: its stored shape, or a rank's shard of it.
+
+        A quantized linear weight ([out, in]) in its scheme's format, scales included; an integer
+        tensor as stored; any other in the compute dtype.
+        """
+        if self.quantization is not None and is_quantized_weight(name):
+            return self.quantization.linear_bytes(shape[0], shape[1])
+        width = _INTEGER_DTYPES.get(self.stored_dtypes.get(name, ""), self.dtype.itemsize)
+        return math.prod(shape) * width
 
     @classmethod
     def from_model(cls, model: nn.Module, **kwargs: object) -> Footprint:
@@ -204,6 +208,18 @@ def estimate_activation_bytes(config: NVLMConfig, *, tokens: int, batch_size: in
     return int(peak)
 
 
+def activation_reserve(footprint: Footprint, *, context_length: int, batch_size: int, activation_bytes: int | None,
+                       vision: bool) -> int:
+    """The working memory a plan reserves on a device: `activation_bytes` when given, else the estimate.
+
+    `vision`: the device also runs the vision tower (the first device, or one with a copy).
+    """
+    if activation_bytes is not None:
+        return activation_bytes
+    return estimate_activation_bytes(footprint.config, tokens=context_length, batch_size=batch_size,
+                                     dtype=footprint.dtype, vision=vision)
+
+
 def max_tokens_that_fit(footprint: Footprint, memory_bytes: int, weight: int, kv_per_token: int, overhead: int,
                         activation_bytes: int | None, batch_size: int, *, first: bool) -> int | None:
     """Largest context whose KV cache (and, when estimated, prefill activations) fit in `memory_bytes`.
@@ -222,8 +238,8 @@ def max_tokens_that_fit(footprint: Footprint, memory_bytes: int, weight: int, kv
         return None
 
     def fits(tokens: int) -> bool:
-        act = activation_bytes if activation_bytes is not None else estimate_activation_bytes(
-            footprint.config, tokens=tokens, batch_size=batch_size, dtype=footprint.dtype, vision=first)
+        act = activation_reserve(footprint, context_length=tokens, batch_size=batch_size,
+                                 activation_bytes=activation_bytes, vision=first)
         return weight + overhead + act + kv_per_token * tokens * batch_size <= memory_bytes
 
     low, high = 0, 1 << 24

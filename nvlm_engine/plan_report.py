@@ -1,10 +1,12 @@
 """`nvlm-engine plan`'s words: the plan as a table, why its split differs from the model card's,
-why the checkpoint is larger on disk than in memory, and the commands that run what it advises.
+why the checkpoint is larger on disk than in memory, the tensor split against the layer split,
+and the commands that run what it advises.
 
 Every command printed here runs as is: `nvlm-chat -m MODEL --quantization bnb-8bit
 --context-length 10240 --max-batch 1` uses the flag names `nvlm-chat` and `nvlm-serve` share
 (`COMMAND_FLAGS`), and a suggestion of more GPUs is a `nvlm-engine plan ... --gpus` command to
-check. Pure text from a `Plan` or a `PlanError`: no devices, no weights, no click.
+check. A `--tensor-parallel` command never carries `--quantization` (the engine refuses the pair).
+Pure text from a `Plan`, a `TensorParallelPlan` or a `PlanError`: no devices, no weights, no click.
 """
 
 from __future__ import annotations
@@ -14,16 +16,18 @@ import re
 import shlex
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from .placement import LAYERS, DeviceSpec, Plan, PlanError
+from .placement import LAYERS, DevicePlan, DeviceSpec, Plan, PlanError
 from .placement_card import split_difference
 from .placement_sizes import GIB, Footprint, format_gib
+from .placement_tensor import ALL_REDUCE_LATENCY_S, DecodeEstimate, SplitChoice, TensorParallelPlan
 
-__all__ = ["COMMAND_FLAGS", "Asked", "disk_size_line", "fix_commands", "format_plan", "run_command", "split_note"]
+__all__ = ["COMMAND_FLAGS", "Asked", "disk_size_line", "fix_commands", "format_plan", "format_tensor_plan",
+           "gpu_kinds", "run_command", "split_note"]
 
 COMMAND_FLAGS = ("-m", "--revision", "--quantization", "--context-length", "--max-batch", "--max-memory", "--gpus",
-                 "--cpu-offload", "--dtype", "--device-map")
+                 "--cpu-offload", "--dtype", "--device-map", "--tensor-parallel")
 """The flags of `nvlm-chat` / `nvlm-serve` that printed commands may use."""
 
 _DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "F8_E4M3": "float8",
@@ -44,6 +48,7 @@ class Asked:
         batch_size: sequences decoded together.
         cpu_offload: the `--cpu-offload` size given, or None.
         split: "balanced" or "card".
+        tensor_parallel: the `--tensor-parallel` ranks asked for (1: the layer split).
     """
 
     model: str
@@ -54,15 +59,19 @@ class Asked:
     batch_size: int = 1
     cpu_offload: str | None = None
     split: str = "balanced"
+    tensor_parallel: int = 1
 
 
 def run_command(asked: Asked, **changes: object) -> str:
     """The `nvlm-chat` command that loads the model as `asked`, with `changes` (from_pretrained names) applied."""
     s = {"quantization": asked.quantization, "context_length": asked.context_length,
-         "batch_size": asked.batch_size, "dtype": asked.dtype, **changes}
+         "batch_size": asked.batch_size, "dtype": asked.dtype, "tensor_parallel": asked.tensor_parallel, **changes}
     words = ["nvlm-chat", "-m", asked.model]
     if asked.revision:
         words += ["--revision", asked.revision]
+    if int(str(s["tensor_parallel"])) > 1:
+        assert not s["quantization"], "the engine refuses quantization with tensor_parallel: never advise it"
+        words += ["--tensor-parallel", str(s["tensor_parallel"])]
     if s["quantization"]:
         words += ["--quantization", str(s["quantization"])]
     if s["context_length"] is not None:
@@ -91,7 +100,8 @@ def fix_commands(error: PlanError, asked: Asked, gpus: Sequence[tuple[str, int]]
         setting = re.match(r"\w+='?[\w.-]+'?:?\s*", text)  # "quantization='fp8'": the flag says it
         note = text[setting.end():] if setting else ""
         if "gpus" in fix:
-            command = _plan_command(asked, _more_gpus(gpus, int(str(fix["gpus"]))))
+            more = replace(asked, tensor_parallel=int(str(fix.get("tensor_parallel", asked.tensor_parallel))))
+            command = _plan_command(more, _more_gpus(gpus, int(str(fix["gpus"]))))
             note = text
         else:
             command = run_command(asked, **fix)
@@ -113,6 +123,8 @@ def _plan_command(asked: Asked, gpus: str) -> str:
         words += ["--dtype", asked.dtype]
     if asked.split == "card":
         words += ["--split", "card"]
+    if asked.tensor_parallel > 1:
+        words += ["--tensor-parallel", str(asked.tensor_parallel)]
     return shlex.join(words)
 
 
@@ -166,7 +178,8 @@ def split_note(plan: Plan, gpus: Sequence[DeviceSpec], *, card_fits: bool | None
                             plan.first_device_share, card_fits=card_fits)
 
 
-def format_plan(plan: Plan, *, title: str = "NVLM-D", split: str | None = None, asked: Asked | None = None) -> str:
+def format_plan(plan: Plan, *, title: str = "NVLM-D", split: str | None = None, asked: Asked | None = None,
+                choice: SplitChoice | None = None) -> str:
     """The plan as text: the table per device, its split against the card's, on-disk size, the command to run it.
 
     Args:
@@ -174,48 +187,131 @@ def format_plan(plan: Plan, *, title: str = "NVLM-D", split: str | None = None, 
         title: the checkpoint's name for the first line.
         split: the `split_note` line, if any.
         asked: what was asked, for the "Run it" command; None leaves it out.
+        choice: the tensor split weighed against this plan (`placement_tensor.choose_split`), if it was;
+            when it is chosen, "Run it" runs it and the layer split is the alternative.
     """
     fp = plan.footprint
-    gpus = [d.device for d in plan.devices if not d.device.is_cpu]
-    kinds = sorted({(g.label or format_gib(g.memory_bytes), g.memory_bytes) for g in gpus}, key=lambda k: -k[1])
-    hardware = ", ".join(f"{sum(1 for g in gpus if g.memory_bytes == m and (g.label or format_gib(m)) == label)} x "
-                         f"{label} ({format_gib(m)})" for label, m in kinds)
-    parts = fp.part_bytes()
-    disk = f"; {format_gib(fp.stored_bytes)} on disk" if fp.stored_bytes else ""
-    card = ", the model card's split" if plan.split == "card" else ""
-    sizes = (f"vision {parts['vision'] / GIB:.1f}, projector {parts['projector'] / GIB:.1f}, "
-             f"LLM {parts['llm'] / GIB:.1f}{disk}")
-    lines = [
-        (f"{title}: {hardware or 'CPU'}, {_form(fp)}, context {plan.context_length:,} tokens x batch "
-         f"{plan.batch_size}{card}"),
-        f"weights {format_gib(fp.total_bytes)} ({sizes}); KV cache {fp.kv_bytes_per_token // 1024} KiB per token",
-        "",
-    ]
-    lines += _table(plan)
-    lines.append("")
-    limit = fp.config.llm.max_context_length()
-    longest = plan.max_context_tokens or 0
-    allows = f" (the model's limit; memory allows {longest:,})" if longest > limit else ""
-    note = f"{min(longest, limit):,} tokens{allows}"
-    lines.append(f"Fits. Longest context at batch {plan.batch_size}: {note}.")
+    lines = [_header(fp, [d.device for d in plan.devices], plan.context_length, plan.batch_size,
+                     ", the model card's split" if plan.split == "card" else "", title), ""]
+    lines += _table(plan.devices, plan.context_length, plan.batch_size)
+    lines += ["", _fits_line(fp, plan.max_context_tokens, plan.batch_size)]
     if split:
         lines.append(split)
     if (size := disk_size_line(fp)) is not None:
         lines.append(size)
     lines.extend(f"Warning: {w}" for w in plan.warnings)
+    if choice is not None:
+        lines += _choice_lines(choice)
     if asked is not None:
-        lines.append(f"Run it: {run_command(asked)}  # nvlm-serve takes the same flags")
+        if choice is not None and choice.tensor:
+            lines.append(f"Run it: {run_command(asked, tensor_parallel=choice.tp)}  # the tensor split, faster; "
+                         "nvlm-serve takes the same flags")
+            lines.append(f"Or the layer split above: {run_command(asked)}")
+        else:
+            lines.append(f"Run it: {run_command(asked)}  # nvlm-serve takes the same flags")
     return "\n".join(lines)
 
 
-def _table(plan: Plan) -> list[str]:
+def format_tensor_plan(plan: TensorParallelPlan, *, title: str = "NVLM-D", asked: Asked | None = None,
+                       estimate: DecodeEstimate | None = None) -> str:
+    """A tensor-parallel plan as text: the table per rank, the decode estimates, the command to run it.
+
+    When the engine does not yet run these settings with tensor parallelism (quantization), the
+    plan is shown as sized and marked not yet supported, and the command printed plans the layer
+    split instead.
+    """
+    fp = plan.footprint
+    devices = [r.device for r in plan.ranks]
+    kv_head = f"{fp.kv_bytes_per_token // plan.tp // 1024} KiB per rank"
+    lines = [_header(fp, devices, plan.context_length, plan.batch_size, f", tensor parallel {plan.tp}", title,
+                     kv_head), ""]
+    lines += _table(plan.ranks, plan.context_length, plan.batch_size, shards=plan.tp)
+    lines += ["", _fits_line(fp, plan.max_context_tokens, plan.batch_size)]
+    lines.append(f"KV cache room per rank: {', '.join(f'{n:,}' for n in plan.kv_tokens)} tokens (all sequences "
+                 "together; every rank caches the same tokens, so the smallest bounds them).")
+    if estimate is not None:
+        lines.append(_estimate_line(estimate))
+    if (size := disk_size_line(fp)) is not None:
+        lines.append(size)
+    if asked is None:
+        return "\n".join(lines)
+    if plan.engine_supports:
+        lines.append(f"Run it: {run_command(asked)}  # nvlm-serve takes the same flags")
+    else:
+        lines.append(f"Not yet supported: the engine refuses --quantization with --tensor-parallel; plan the layer "
+                     f"split instead:\n  {_plan_command(replace(asked, tensor_parallel=1), _gpu_spec(devices))}")
+    return "\n".join(lines)
+
+
+def gpu_kinds(devices: Sequence[DeviceSpec]) -> list[tuple[str, int]]:
+    """(label, memory bytes) of each GPU, a label made from the memory where it has none: what `--gpus` specs use."""
+    return [(d.label or f"{d.memory_bytes / GIB:g}GiB", d.memory_bytes) for d in devices if not d.is_cpu]
+
+
+def _gpu_spec(devices: Sequence[DeviceSpec]) -> str:
+    return _more_gpus(gpu_kinds(devices), len(devices))
+
+
+def _choice_lines(choice: SplitChoice) -> list[str]:
+    """The tensor split against the layer split: whether it fits, which is chosen and why, both speeds."""
+    flag = f"--tensor-parallel {choice.tp}"
+    lines = []
+    plan = choice.plan
+    if plan is not None:
+        longest = min(plan.max_context_tokens or 0, plan.footprint.config.llm.max_context_length())
+        fits = "fits" if plan.engine_supports else "not yet supported with --quantization, though it would fit"
+        lines.append(f"Tensor split ({flag}): {fits}, {format_gib(plan.layer_share_bytes)} of the decoder layers per rank "
+                     f"and {format_gib(plan.rank0_extra_bytes)} more on rank 0 (vision tower, projector, embeddings, "
+                     f"LM head); longest context at batch {plan.batch_size}: {longest:,} tokens.")
+    if choice.estimate is not None:
+        lines.append(_estimate_line(choice.estimate))
+    if not choice.tensor:
+        lines.append(f"Layer split, not {flag}: {choice.reason.rstrip('.')}.")
+    return lines
+
+
+def _estimate_line(estimate: DecodeEstimate) -> str:
+    """Both splits' decode bounds at batch 1 (`placement_tensor.DecodeEstimate`)."""
+    tensor = (f"tensor split ~{estimate.tensor_tokens_per_s:.0f} tokens/s (with {estimate.all_reduce_s * 1e3:.1f} ms "
+              f"of all-reduces at {ALL_REDUCE_LATENCY_S * 1e6:.0f} us each)" if estimate.tensor_tokens_per_s
+              else "tensor split not estimated (no NVLink)")
+    return (f"Decode at batch 1 with {estimate.cache_tokens:,} tokens cached, bound by {estimate.gpu} memory bandwidth "
+            f"({estimate.bandwidth / 1e12:.2f} TB/s): layer split ~{estimate.layer_tokens_per_s:.0f} tokens/s, "
+            f"{tensor}.")
+
+
+def _header(fp: Footprint, devices: Sequence[DeviceSpec], context_length: int, batch_size: int, what: str,
+            title: str, kv_share: str = "") -> str:
+    """The first two lines: the hardware, the format, the context; the sizes of the parts and of a token's KV."""
+    gpus = [d for d in devices if not d.is_cpu]
+    kinds = sorted({(g.label or format_gib(g.memory_bytes), g.memory_bytes) for g in gpus}, key=lambda k: -k[1])
+    hardware = ", ".join(f"{sum(1 for g in gpus if g.memory_bytes == m and (g.label or format_gib(m)) == label)} x "
+                         f"{label} ({format_gib(m)})" for label, m in kinds)
+    parts = fp.part_bytes()
+    disk = f"; {format_gib(fp.stored_bytes)} on disk" if fp.stored_bytes else ""
+    sizes = (f"vision {parts['vision'] / GIB:.1f}, projector {parts['projector'] / GIB:.1f}, "
+             f"LLM {parts['llm'] / GIB:.1f}{disk}")
+    kv = f"{fp.kv_bytes_per_token // 1024} KiB per token" + (f", {kv_share}" if kv_share else "")
+    return (f"{title}: {hardware or 'CPU'}, {_form(fp)}, context {context_length:,} tokens x batch {batch_size}{what}\n"
+            f"weights {format_gib(fp.total_bytes)} ({sizes}); KV cache {kv}")
+
+
+def _fits_line(fp: Footprint, longest: int | None, batch_size: int) -> str:
+    limit = fp.config.llm.max_context_length()
+    longest = longest or 0
+    allows = f" (the model's limit; memory allows {longest:,})" if longest > limit else ""
+    return f"Fits. Longest context at batch {batch_size}: {min(longest, limit):,} tokens{allows}."
+
+
+def _table(devices: Sequence[DevicePlan], context_length: int, batch_size: int, *, shards: int = 1) -> list[str]:
+    """One row per device (or rank: `shards` > 1, each holding 1/shards of every layer listed)."""
     header = ("device", "GPU", "memory", "weights", "reserved", "KV room", "context fits", "modules")
     rows = [header]
-    for d in plan.devices:
+    for d in devices:
         rows.append((
             d.device.name, d.device.label or "-", f"{d.device.memory_bytes / GIB:.1f}", f"{d.weight_bytes / GIB:.1f}",
             f"{(d.activation_bytes + d.overhead_bytes) / GIB:.1f}", f"{d.kv_room_bytes / GIB:.1f}",
-            f"{d.max_tokens:,}" if d.max_tokens is not None else "-", _modules(d.modules, len(d.layers)),
+            f"{d.max_tokens:,}" if d.max_tokens is not None else "-", _modules(d.modules, len(d.layers), shards),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     right = {2, 3, 4, 5, 6}
@@ -224,15 +320,15 @@ def _table(plan: Plan) -> list[str]:
         cells = [cell.rjust(w) if i in right else cell.ljust(w)
                  for i, (cell, w) in enumerate(zip(row[:-1], widths, strict=True))]
         lines.append("  ".join([*cells, row[-1]]).rstrip())
-    overhead = plan.devices[0].overhead_bytes
+    overhead = devices[0].overhead_bytes
     lines.append(f"(GiB; reserved = {format_gib(overhead)} overhead + activations for prefilling "
-                 f"{plan.context_length:,} tokens x {plan.batch_size}; KV room = memory left for the KV cache; "
-                 f"context fits = tokens per sequence at batch {plan.batch_size})")
+                 f"{context_length:,} tokens x {batch_size}; KV room = memory left for the KV cache; "
+                 f"context fits = tokens per sequence at batch {batch_size})")
     return lines
 
 
-def _modules(units: tuple[str, ...], layer_count: int) -> str:
-    """'vision_model, mlp1, ..., layers 0-25, 79 (27)': short names, layer runs compressed."""
+def _modules(units: tuple[str, ...], layer_count: int, shards: int = 1) -> str:
+    """'vision_model, mlp1, ..., layers 0-25, 79 (27)': short names, layer runs compressed ('1/2 of layers ...')."""
     named = [u.rsplit(".", 1)[-1] for u in units if not u.startswith(LAYERS + ".")]
     layers = [int(u.rsplit(".", 1)[-1]) for u in units if u.startswith(LAYERS + ".")]
     runs: list[tuple[int, int]] = []
@@ -242,7 +338,8 @@ def _modules(units: tuple[str, ...], layer_count: int) -> str:
         else:
             runs.append((i, i))
     text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
-    return ", ".join([*named, f"layers {text} ({layer_count})"] if layers else named)
+    share = f"1/{shards} of " if shards > 1 else ""
+    return ", ".join([*named, f"{share}layers {text} ({layer_count})"] if layers else named)
 
 
 def _form(fp: Footprint) -> str:

@@ -49,8 +49,8 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import TensorInfo, fill_model
-from .decoder import Chunk
 from .config import NVLMConfig
+from .decoder import Chunk
 from .devices import resolve_dtype
 from .errors import TensorParallelError
 from .kv_cache import KVCache

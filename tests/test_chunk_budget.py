@@ -7,6 +7,7 @@ step processes, and checks the budget a step with running rows gets against that
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import pairwise
 
 from nvlm_engine.chunk_budget import ALLOWANCE, MIN_CHUNK, ChunkBudget
 
@@ -80,7 +81,7 @@ def test_fast_prefill_grows_to_the_configured_chunk_by_doubling() -> None:  # a 
     budget.record(cost(1900), tokens=1900)
     given = _run(budget, cost, [1] * 8)
     assert given[-1] == 512
-    assert all(b <= 2 * a for a, b in zip(given, given[1:]))  # never more than doubling
+    assert all(b <= 2 * a for a, b in pairwise(given))  # never more than doubling
 
 
 def test_steps_that_measure_no_slower_with_more_tokens_get_the_full_chunk() -> None:
