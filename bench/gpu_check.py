@@ -28,6 +28,10 @@ Steps:
    time from depths 20 and 4, projected to the 80-layer model, and the fraction of the
    H200's 4.8 TB/s (and of the measured copy bandwidth) a decoder layer achieves. The
    compile counters (graph breaks, recompiles, CUDA-graph skips) are recorded.
+4b. `mixed_step`: batch 16 decoding at 2k context with a prompt chunk of 128, 512 or 2048
+   tokens riding along in the same pass (`decoder.mixed_step`, what `DecodeCore.step` runs while
+   a prompt prefills) against the decode step and the chunk as two passes: what a prefilling
+   step costs the running streams (the inter-token gap) and what riding along saves.
 5. `vision_prefill`: 7-tile image -> vision tower -> ~1.9k-token prefill: time to first token
    on cold caches and its parts, projected to 80 layers.
 6. `turn2_prefix`: turn 2 of that conversation with the prefix cache (time to first token), and
@@ -67,8 +71,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 REAL_CONFIG = Path("/work/shared/nvlm-d-72b")
 PEAK_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "B200": 8.0e12}  # bytes/s, HBM
-STEPS = ("environment", "copy_bandwidth", "attention_kernels", "build_slice", "decode", "vision_prefill", "turn2_prefix",
-         "tp2_half_width", "fp8")
+STEPS = ("environment", "copy_bandwidth", "attention_kernels", "build_slice", "decode", "mixed_step", "vision_prefill",
+         "turn2_prefix", "tp2_half_width", "fp8")
 
 
 @dataclass
@@ -85,6 +89,8 @@ class Shape:
     copy_bytes: int
     steps: int  # timed decode steps per measurement
     answer_tokens: int
+    mixed_case: tuple[int, int] = (16, 2048)  # (batch, context) of the decode rows in `mixed_step`
+    mixed_chunks: tuple[int, ...] = (128, 512, 2048)  # prompt tokens riding along
 
 
 @dataclass
@@ -456,6 +462,34 @@ def check_decode(run: Run, record: dict, cases: list[tuple[int, int]], prefix: s
 # --- vision + prefill, turn 2 -------------------------------------------------------------------------
 
 
+def check_mixed(run: Run, record: dict) -> None:
+    """Decode rows with a prompt chunk in the same pass, against the decode step and the chunk apart."""
+    from nvlm_engine.decoder import Chunk, decode_step, mixed_step, prefill_chunk
+
+    shape, device = run.shape, run.shape.device
+    batch, context = shape.mixed_case
+    core = core_with_context(run, batch, context, 4, compile=False)
+    model, kv, spare = core.model, core.kv, batch  # the chunk goes to a free slot
+    kv.ensure(batch + 1, max(context + 2, *shape.mixed_chunks))
+    table = model.language_model.model.embed_tokens
+    tokens = torch.zeros(batch, dtype=torch.long, device=core.embed_device)
+    positions = torch.full((batch,), context, dtype=torch.long, device=core.embed_device)
+    slots = torch.arange(batch, device=core.embed_device)
+    figures = record["figures"]
+    with torch.inference_mode():
+        decode = time_loop(lambda: decode_step(model, kv, tokens, positions, slots, context + 1), shape.steps, device)
+        figures["decode_only"] = decode
+        for size in shape.mixed_chunks:
+            embeds = torch.randn(1, size, table.embedding_dim, dtype=table.weight.dtype, device=table.weight.device)
+            alone = time_loop(lambda: prefill_chunk(model, kv, spare, embeds, 0), shape.steps, device)
+            mixed = time_loop(lambda: mixed_step(model, kv, tokens, positions, slots, context + 1,
+                                                 (Chunk(spare, 0, size),), embeds, (0,)), shape.steps, device)
+            key = "event_ms" if mixed["event_ms"] is not None else "wall_ms"
+            figures[f"chunk_{size}"] = {"alone": alone, "mixed": mixed,
+                                        "mixed_vs_decode": round(mixed[key] / decode[key], 3),
+                                        "mixed_vs_apart": round(mixed[key] / (decode[key] + alone[key]), 3)}
+
+
 def seven_tiles(run: Run):
     from PIL import Image
 
@@ -712,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)  # a shared CPU: one thread never waits on a descheduled sibling
         shape = Shape(True, torch.device("cpu"), torch.float32, layers=4, shallow=2,
                       cases=[(1, 128), (1, 512), (4, 128)], fp8_cases=[(1, 128)], copy_bytes=2**20, steps=3,
-                      answer_tokens=2)
+                      answer_tokens=2, mixed_case=(4, 128), mixed_chunks=(16, 64))
     elif not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU visible; nothing to check (run it on a GPU machine, or --smoke on a CPU).")
         return 0
@@ -731,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
     run.step("build_slice", build_engine)
     ready = "engine" in run.shared
     for name, fn, need in (("decode", lambda r, rec: check_decode(r, rec, shape.cases), 30),
-                           ("vision_prefill", check_vision_prefill, 10), ("turn2_prefix", check_turn2, 10),
+                           ("mixed_step", check_mixed, 10), ("vision_prefill", check_vision_prefill, 10), ("turn2_prefix", check_turn2, 10),
                            ("tp2_half_width", check_tp2, 3), ("fp8", check_fp8, 30)):
         if not ready and name != "tp2_half_width":
             run.results["steps"][name] = {"status": "error", "error": "no model: build_slice failed", "figures": {},
