@@ -10,10 +10,10 @@ machine: the step's wall time includes its one device sync) and gives a step wit
 rows as many prompt tokens as keep it within `1 + ALLOWANCE` times a decode-only step of those
 rows: running streams keep their pace (the inter-token gap is bounded) while a long prompt is
 prefilled. With nothing decoding the whole configured chunk is used: nobody waits. Until the
-line is known (the recent steps had about the same size) a step prefills `MIN_CHUNK` tokens, or
-as many as the last step did, and a budget at most doubles from one step to the next, so one noisy fit costs little. Budgets
-are powers of two, so chunk boundaries (and with them the last bits of a prefill's floats)
-change only when the measured speeds really do.
+line is known (the recent steps had about the same size) a step prefills as many tokens as the
+last one did (`MIN_CHUNK` at first), every other step `MIN_CHUNK` more, so that the steps' sizes
+differ and the next fit can be made. A fitted budget is a power of two, and at most doubles
+from one step to the next, so one noisy fit costs little.
 
 Knows wall-clock times and token counts; knows nothing of models or requests.
 """
@@ -23,7 +23,7 @@ from __future__ import annotations
 MIN_CHUNK = 16  # tokens: below this, per-chunk overheads dominate
 ALLOWANCE = 1.0  # a prefilling step may take this much of a decode step's time more
 _DECAY = 0.98  # weight of a measurement one step older (the fit follows about the last 50 steps)
-_MIN_SPREAD = float((MIN_CHUNK // 2) ** 2)  # tokens^2: the variance of the steps' sizes needed to trust the line
+_MIN_SPREAD = float((MIN_CHUNK // 4) ** 2)  # tokens^2: the variance of the steps' sizes needed to trust the line
 
 
 class ChunkBudget:
@@ -37,19 +37,20 @@ class ChunkBudget:
         self.max_tokens = max(1, max_tokens)
         self._sums = (0.0, 0.0, 0.0, 0.0, 0.0)  # weighted count, sum x, sum y, sum x^2, sum xy
         self._last = MIN_CHUNK  # the last budget given while rows were decoding
+        self._probe = False  # the next unknown-line budget is `_last + MIN_CHUNK` (steps of two sizes)
 
     def tokens(self, *, rows: int) -> int:
         """The prefill budget of the next step, which decodes `rows` running rows."""
         if rows == 0:
             return self.max_tokens
+        if self.line() is None:  # steps of one size say nothing of the slope: every other one is a bit larger
+            probe, self._probe = self._probe, not self._probe
+            return min(self._last + (MIN_CHUNK if probe else 0), self.max_tokens)
         self._last = min(self._fitting(rows), 2 * self._last)  # grows by doubling at most: one noisy fit costs little
         return self._last
 
     def _fitting(self, rows: int) -> int:
-        line = self.line()
-        if line is None:
-            return min(self._last, self.max_tokens)  # hold: nothing says a change would be better
-        fixed, per_token = line
+        fixed, per_token = self.line()
         if per_token <= 0:
             return self.max_tokens  # bigger steps measured no slower: prefill rides along for free
         fitting = int(ALLOWANCE * max(fixed + per_token * rows, 0.0) / per_token)

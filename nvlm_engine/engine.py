@@ -244,8 +244,10 @@ class NVLMEngine:
                 `nvlm_engine.tensor_parallel`), one per GPU ("auto"/"cuda": cuda:0..N-1, NCCL) or
                 all on the CPU ("cpu", gloo); 1, the default, is one process (the layer split).
                 It must divide the query heads, KV heads and intermediate size (1/2/4/8 for
-                NVLM-D-72B). Workers are separate processes started here: call `close()` when
-                done, and guard a script's entry point with `if __name__ == "__main__":`.
+                NVLM-D-72B). On CUDA every rank is planned first (`PlanError` if one does not
+                fit) and the KV cache is sized from the tightest rank. Workers are separate
+                processes started here: call `close()` when done, and guard a script's entry
+                point with `if __name__ == "__main__":`.
 
         Raises:
             CheckpointError: a missing, incomplete or mismatched checkpoint (CheckpointNotFoundError:
@@ -255,7 +257,8 @@ class NVLMEngine:
             device or map that cannot be used. PlanError: the model does not fit as asked.
             QuantizationError: a quantization this machine cannot run.
             TensorParallelOptionsError: a `tensor_parallel` size or combination that cannot be used.
-            TensorParallelError: a worker process failed to load its shard.
+            TensorParallelError: a worker process failed to load its shard, or exited before
+                joining the process group.
         """
         loaded = load_checkpoint(
             path, revision=revision, download=download, device_map=device_map, dtype=dtype, max_memory=max_memory,

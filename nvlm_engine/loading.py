@@ -23,7 +23,7 @@ import torch
 from .checkpoint import check_tensors, fill_model, find_weight_files, infer_dummy_heads, read_tensor_infos
 from .config import NVLMConfig
 from .cores import DecodeSettings
-from .devices import DeviceMapLike, Placement, device_for, resolve_placement
+from .devices import DeviceMapLike, Placement, device_for, resolve_dtype, resolve_placement
 from .errors import ContextLengthError
 from .hub import display_name, resolve_checkpoint
 from .load_progress import LoadProgress, ProgressCallback, check_progress, hub_progress, shard_progress
@@ -91,8 +91,8 @@ def load_checkpoint(
     with torch.device("meta"):
         model = NVLMModel(config, context_length=context_length)
     check_tensors(model, infos)
-    if tensor_parallel != 1:  # every rank reads its slice of the layers (tp_executor.py); no layer split plan
-        return _load_tensor_parallel(folder, config, infos, tokenizer, name=display_name(path, folder),
+    if tensor_parallel != 1:  # every rank reads its slice of the layers (tp_startup.py); no layer split plan
+        return _load_tensor_parallel(model, folder, infos, tokenizer, name=display_name(path, folder),
                                      tp=tensor_parallel, device_map=device_map, dtype=dtype,
                                      context_length=context_length, batch_size=batch_size, decoding=decoding)
     # 3. The placement plan, from the real tensor shapes and stored dtypes.
@@ -150,18 +150,33 @@ def _check_tensor_parallel(tp: int, device_map: DeviceMapLike | None, *, quantiz
     rank_devices(device_map, tp)  # the device map's form, and enough GPUs
 
 
-def _load_tensor_parallel(folder: Path, config: NVLMConfig, infos: dict, tokenizer: Any, *, name: str, tp: int,
+def _load_tensor_parallel(model: NVLMModel, folder: Path, infos: dict, tokenizer: Any, *, name: str, tp: int,
                           device_map: DeviceMapLike | None, dtype: str | torch.dtype | None, context_length: int,
                           batch_size: int, decoding: DecodeSettings | None) -> LoadedCheckpoint:
-    """`load_checkpoint` with `tensor_parallel > 1`, from the checked config and tensor headers."""
-    from .tp_executor import load_tensor_parallel
+    """`load_checkpoint` with `tensor_parallel > 1`, from the model on `meta` and the checked tensor headers.
 
-    model = load_tensor_parallel(folder, config, infos, tp=tp, device_map=device_map, dtype=dtype,
-                                 context_length=context_length)
+    On CUDA every rank's memory is planned before any worker starts (`tp_startup.rank_kv_tokens`:
+    a rank that does not fit raises `PlanError`), and the KV cache is sized from the tightest
+    rank's room; on the CPU nothing is planned and the cache is not bounded, as in one process.
+    """
+    from .devices import local_gpus
+    from .placement_sizes import Footprint
+    from .tensor_parallel import rank_devices
+    from .tp_startup import load_tensor_parallel, rank_gpu_specs, rank_kv_tokens
+
+    devices = rank_devices(device_map, tp)
+    gpus = rank_gpu_specs(devices, local_gpus() if devices[0].type == "cuda" else [])
+    kv_tokens = None
+    if gpus:
+        footprint = Footprint.from_model(model, dtype=resolve_dtype(dtype, devices[0]),
+                                         stored_dtypes={n: i.dtype for n, i in infos.items()})
+        kv_tokens = rank_kv_tokens(footprint, gpus, context_length=context_length, batch_size=batch_size)
+    loaded = load_tensor_parallel(folder, model.config, infos, tp=tp, device_map=device_map, dtype=dtype,
+                                  context_length=context_length)
     decoding = decoding or DecodeSettings()
-    if decoding.kv_tokens is None and model.language_model.lm_head.weight.device.type == "cuda":
-        decoding = replace(decoding, kv_tokens=context_length * max(batch_size, 1))  # no plan: what was asked
-    return LoadedCheckpoint(model, tokenizer, context_length, name, decoding)
+    if decoding.kv_tokens is None and kv_tokens is not None:
+        decoding = replace(decoding, kv_tokens=kv_tokens)
+    return LoadedCheckpoint(loaded, tokenizer, context_length, name, decoding)
 
 
 def _layer_devices(config: NVLMConfig, devices: Mapping[str, torch.device]) -> set[torch.device]:

@@ -68,6 +68,42 @@ def pixel_shuffle(x: torch.Tensor, ratio: float, version: str = "v2") -> torch.T
     return x.reshape(t, -1, x.shape[-1])
 
 
+def build_projector(config: NVLMConfig) -> nn.Sequential:
+    """The `mlp1` projector (on the current default device; `meta` when loading)."""
+    llm = config.llm
+    # LayerNorm -> Linear(4C -> LLM intermediate, no bias) -> GELU -> Linear(-> LLM hidden).
+    # The hidden width is the LLM's intermediate size: NVLM-D's one difference from InternVL2.
+    return nn.Sequential(
+        nn.LayerNorm(config.projector_in_features, eps=1e-5),
+        nn.Linear(config.projector_in_features, llm.intermediate_size, bias=False),
+        nn.GELU(),
+        nn.Linear(llm.intermediate_size, llm.hidden_size, bias=False),
+    )
+
+
+def encode_tiles(towers: list[tuple[nn.Module, nn.Module]], config: NVLMConfig, pixel_values: torch.Tensor,
+                 chunk_tiles: int = 16) -> torch.Tensor:
+    """Tiles [T, 3, 448, 448] -> image tokens [T, 256, hidden] on the first projector's device.
+
+    `towers` are (vision tower, projector) copies; with more than one the chunks of `chunk_tiles`
+    tiles (smaller, so that every copy gets work) are dealt out to them in turn. Also what each
+    tensor-parallel rank runs on its own slice of the tiles.
+    """
+    total = pixel_values.shape[0]
+    if len(towers) > 1:
+        chunk_tiles = max(1, min(chunk_tiles, -(-total // len(towers))))
+    outputs = []
+    for number, start in enumerate(range(0, total, chunk_tiles)):
+        vision, projector = towers[number % len(towers)]
+        first = vision.embeddings.patch_embedding.weight
+        tiles = pixel_values[start : start + chunk_tiles].to(device=first.device, dtype=first.dtype)
+        features = vision(tiles)  # [t, 1024, C]
+        features = pixel_shuffle(features, config.downsample_ratio, config.ps_version)
+        outputs.append(projector(features.to(projector[1].weight.device)))  # [t, 256, hidden]
+    home = towers[0][1][1].weight.device
+    return torch.cat([out.to(home) for out in outputs])
+
+
 class NVLMModel(nn.Module):
     """NVLM-D with checkpoint-equal module names."""
 
@@ -82,14 +118,7 @@ class NVLMModel(nn.Module):
         self.config = config
         llm = config.llm
         self.vision_model = InternVisionModel(config.vision, select_layer=config.select_layer)
-        # LayerNorm -> Linear(4C -> LLM intermediate, no bias) -> GELU -> Linear(-> LLM hidden).
-        # The hidden width is the LLM's intermediate size: NVLM-D's one difference from InternVL2.
-        self.mlp1 = nn.Sequential(
-            nn.LayerNorm(config.projector_in_features, eps=1e-5),
-            nn.Linear(config.projector_in_features, llm.intermediate_size, bias=False),
-            nn.GELU(),
-            nn.Linear(llm.intermediate_size, llm.hidden_size, bias=False),
-        )
+        self.mlp1 = build_projector(config)
         self.language_model = Qwen2ForCausalLM(llm.to_transformers(context_length or llm.max_position_embeddings))
 
     def prepare_for_inference(self) -> None:
@@ -119,22 +148,13 @@ class NVLMModel(nn.Module):
 
         Tiles go through the vision tower `chunk_tiles` at a time to bound activation memory;
         with copies of the tower on several GPUs (`replicate_vision`) the chunks are dealt out
-        to them in turn, smaller so that every copy gets work, and gathered in order.
+        to them in turn, smaller so that every copy gets work, and gathered in order. With
+        tensor parallelism every rank holds the tower: the link splits the tiles over the ranks.
         """
+        if self.tp_link is not None and pixel_values.shape[0] > 0:
+            return self.tp_link.encode_images(self, pixel_values, chunk_tiles).flatten(0, 1)
         towers = getattr(self, "vision_towers", None) or [(self.vision_model, self.mlp1)]
-        total = pixel_values.shape[0]
-        if len(towers) > 1:
-            chunk_tiles = max(1, min(chunk_tiles, -(-total // len(towers))))
-        outputs = []
-        for number, start in enumerate(range(0, total, chunk_tiles)):
-            vision, projector = towers[number % len(towers)]
-            first = vision.embeddings.patch_embedding.weight
-            tiles = pixel_values[start : start + chunk_tiles].to(device=first.device, dtype=first.dtype)
-            features = vision(tiles)  # [t, 1024, C]
-            features = pixel_shuffle(features, self.config.downsample_ratio, self.config.ps_version)
-            outputs.append(projector(features.to(projector[1].weight.device)))  # [t, 256, hidden]
-        home = self.mlp1[1].weight.device
-        return torch.cat([out.to(home) for out in outputs]).flatten(0, 1)
+        return encode_tiles(towers, self.config, pixel_values, chunk_tiles).flatten(0, 1)
 
     # --- language model ------------------------------------------------------------------
 

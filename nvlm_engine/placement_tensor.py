@@ -12,8 +12,9 @@ What each rank holds is the engine's sharding (`tensor_parallel.py`, `tp_executo
    output rows, o/down by input columns; `tensor_parallel.shard_shape`) and a whole copy of each
    replicated one (the two RMSNorms of every layer); quantized linears as the scheme stores a
    shard of that shape (`Footprint.tensor_size`);
-2. rank 0 also: the vision tower (its 25 heads are not split), the projector, the embeddings,
-   the final norm and the LM head, whole;
+2. every rank: the vision tower (its 25 heads are not split) and the projector, whole: the tiles
+   of a request are split across the ranks, so each runs the tower (and reserves its activations);
+   rank 0 also: the embeddings, the final norm and the LM head, whole;
 3. every rank: KV cache for its own KV heads, 1/tp of a token's KV cache, for the same tokens;
 4. tp is the number of GPUs, one rank each, and must split the 64 query heads, the 8 KV heads
    and the MLP evenly (2, 4 or 8 for NVLM-D-72B); the GPUs must be alike, since every rank gets
@@ -53,6 +54,7 @@ __all__ = [
     "ENGINE_TP_REFUSES_QUANTIZATION",
     "GPU_BANDWIDTH",
     "NVLINK_GPUS",
+    "VISION_MODULES",
     "DecodeEstimate",
     "SplitChoice",
     "TensorParallelPlan",
@@ -84,6 +86,9 @@ GPU_BANDWIDTH: dict[str, float] = {
 NVLINK_GPUS = frozenset({"A100-40GB", "A100", "A100-80GB", "H100", "H100-80GB", "H100-NVL", "H100-94GB", "H200",
                          "H20", "B200"})
 
+# What every rank holds whole besides its layer share (rule 2): the tiles of a request are split across ranks.
+VISION_MODULES = ("vision_model", "mlp1")
+
 # `NVLMEngine.from_pretrained` refuses quantization with tensor_parallel (`loading._check_tensor_parallel`
 # raises TensorParallelOptionsError; a test checks it still does): such a plan is sized, never advised.
 ENGINE_TP_REFUSES_QUANTIZATION = True
@@ -101,6 +106,8 @@ class TensorParallelPlan:
         context_length, batch_size: what the KV cache and activation reserves are sized for.
         layer_share_bytes: one rank's share of the decoder layers (split tensors / tp + replicated).
         rank0_extra_bytes: what rank 0 holds besides: vision tower, projector, embeddings, final norm, LM head.
+        vision_bytes: the vision tower and projector, which every other rank holds too (in
+            `rank0_extra_bytes` for rank 0).
     """
 
     tp: int
@@ -110,6 +117,7 @@ class TensorParallelPlan:
     batch_size: int
     layer_share_bytes: int
     rank0_extra_bytes: int
+    vision_bytes: int = 0
 
     @property
     def kv_tokens(self) -> tuple[int, ...]:
@@ -185,24 +193,27 @@ def plan_tensor_parallel(
     share, share_count = layer_share(footprint, tp)
     pinned = sum(footprint.unit_bytes[u] for u in FIRST_DEVICE_MODULES)
     pinned_count = sum(1 for name in footprint.shapes if unit_of(name) in FIRST_DEVICE_MODULES)
+    vision = sum(footprint.unit_bytes[u] for u in VISION_MODULES)
+    vision_count = sum(1 for name in footprint.shapes if unit_of(name) in VISION_MODULES)
     kv_per_token = footprint.kv_bytes_per_token // tp  # rank r holds KV heads r*8/tp.. of every layer
     layers = tuple(range(footprint.num_layers))
     ranks = []
     for rank, device in enumerate(devices):
         first = rank == 0
-        weight = share + (pinned if first else 0)
+        weight = share + (pinned if first else vision)
         ranks.append(DevicePlan(
-            device=device, modules=(*(FIRST_DEVICE_MODULES if first else ()), *map(layer_unit, layers)),
+            device=device, modules=(*(FIRST_DEVICE_MODULES if first else VISION_MODULES), *map(layer_unit, layers)),
             layers=layers, weight_bytes=weight, kv_bytes=kv_per_token * context_length * batch_size,
             activation_bytes=activation_reserve(footprint, context_length=context_length, batch_size=batch_size,
-                                                activation_bytes=activation_bytes, vision=first),
+                                                activation_bytes=activation_bytes, vision=True),
             overhead_bytes=overhead_bytes, kv_bytes_per_token=kv_per_token,
-            tensor_count=share_count + (pinned_count if first else 0),
+            tensor_count=share_count + (pinned_count if first else vision_count),
             max_tokens=max_tokens_that_fit(footprint, device.memory_bytes, weight, kv_per_token, overhead_bytes,
-                                           activation_bytes, batch_size, first=first),
+                                           activation_bytes, batch_size, first=True),  # every rank runs the tower
         ))
     plan = TensorParallelPlan(tp=tp, ranks=tuple(ranks), footprint=footprint, context_length=context_length,
-                              batch_size=batch_size, layer_share_bytes=share, rank0_extra_bytes=pinned)
+                              batch_size=batch_size, layer_share_bytes=share, rank0_extra_bytes=pinned,
+                              vision_bytes=vision)
     if any(r.used_bytes > r.device.memory_bytes for r in plan.ranks):
         raise _failure(plan, overhead_bytes, activation_bytes, suggest)
     return plan
@@ -246,7 +257,7 @@ def _failure(plan: TensorParallelPlan, overhead_bytes: int, activation_bytes: in
     rank = plan.ranks.index(worst)
     shortfall = worst.used_bytes - worst.device.memory_bytes
     extra = (f" + {format_gib(plan.rank0_extra_bytes)} of vision tower, projector, embeddings and LM head"
-             if rank == 0 else "")
+             if rank == 0 else f" + {format_gib(plan.vision_bytes)} of vision tower and projector")
     form = fp.quantization.name if fp.quantization else str(fp.dtype).removeprefix("torch.")
     problem = (
         f"tensor_parallel={plan.tp} does not fit on {plan.tp} x {_kind(worst.device)} as {form} with a "

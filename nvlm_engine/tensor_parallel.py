@@ -12,16 +12,18 @@ Megatron-style sharding over `tp` ranks (one process each, `tp_executor.py` runs
 - replicated: the two RMSNorm weights of each layer.
 
 Attention needs no communication: every head's keys and values stay on its rank, so the KV
-cache is sharded by KV head too. The embeddings, the final norm and the LM head stay whole on
-rank 0 only (the workers never hold them): the workers receive the layer inputs as hidden
-states, and rank 0 computes the logits and samples. Against a vocab-parallel head this costs
+cache is sharded by KV head too. The vision tower (25 heads: not divisible) and the projector
+are replicated whole on every rank: the tiles of a request are split into contiguous slices, one
+per rank (`tile_counts`), and the image tokens gathered on rank 0. The embeddings, the final
+norm and the LM head stay whole on rank 0 only (the workers never hold them): the workers
+receive the layer inputs as hidden states, and rank 0 computes the logits and samples. Against a vocab-parallel head this costs
 rank 0 the head's memory (2.5 GB in bf16 for 152k x 8192) and saves a gather per step, and
 sampling (penalties, grammars, top-p over the whole vocabulary) stays where it is.
 
 Every rank builds its model on `meta` with the shard shapes (a Qwen2 config with heads / tp,
 KV heads / tp, intermediate / tp and an explicit `head_dim`) and reads only its slice of each
-tensor (`safe_open(...).get_slice(name)[...]`): peak host memory per rank is its share plus
-one tensor slice. Knows checkpoints and module names; knows nothing of processes or requests.
+tensor (`safe_open(...).get_slice(name)[...]`), and the whole vision tower and projector: peak
+host memory per rank is what it holds plus one tensor. Knows checkpoints and module names; knows nothing of processes or requests.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from .config import LLMConfig, NVLMConfig
 from .errors import CheckpointError, TensorParallelOptionsError
 
 LAYER_PREFIX = "language_model.model.layers."
+VISION_PREFIXES = ("vision_model.", "mlp1.")  # held whole by every rank
 _LAYER_NAME = re.compile(r"language_model\.model\.layers\.\d+\.(.+)")
 # Which dimension of each decoder-layer tensor is split across ranks (None: replicated).
 SPLIT_DIM: dict[str, int | None] = {
@@ -123,18 +126,25 @@ def build_rank0_model(config: NVLMConfig, context_length: int, tp: int) -> nn.Mo
 
 
 class WorkerModel(nn.Module):
-    """A worker rank's model: the shard-sized decoder layers and the rotary table, nothing else.
+    """A worker rank's model: the shard-sized decoder layers, the rotary table, the vision tower and projector.
 
     `language_model.model.layers` and `.rotary_emb` are what `decoder._layers` reads; the
-    embeddings, final norm and LM head are dropped (rank 0 alone holds them).
+    embeddings, final norm and LM head are dropped (rank 0 alone holds them). `vision_model` and
+    `mlp1` are whole (checkpoint names), for this rank's slice of the tiles (`model.encode_tiles`).
     """
 
     def __init__(self, config: NVLMConfig, context_length: int, tp: int) -> None:
         super().__init__()
         from transformers import Qwen2ForCausalLM
 
+        from .model import build_projector
+        from .vision import InternVisionModel
+
+        self.config = config
         with torch.device("meta"):
             lm = Qwen2ForCausalLM(shard_transformers_config(config.llm, context_length, tp))
+            self.vision_model = InternVisionModel(config.vision, select_layer=config.select_layer)
+            self.mlp1 = build_projector(config)
         lm.model.embed_tokens = nn.Identity()
         lm.model.norm = nn.Identity()
         lm.lm_head = nn.Identity()
@@ -144,10 +154,11 @@ class WorkerModel(nn.Module):
 
 
 def fill_shards(model: nn.Module, infos: Mapping[str, TensorInfo], *, rank: int, tp: int, device: torch.device,
-                dtype: torch.dtype) -> None:
+                dtype: torch.dtype, check: Callable[[], None] | None = None) -> None:
     """Read rank `rank`'s slice of every decoder-layer tensor in `infos` into `model` (on `meta`).
 
     One shard file open at a time, one tensor slice in memory at a time beyond the model.
+    `check` is called before each tensor (rank 0 raises there when a worker has died).
     """
     from safetensors import SafetensorError, safe_open
 
@@ -162,6 +173,8 @@ def fill_shards(model: nn.Module, infos: Mapping[str, TensorInfo], *, rank: int,
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 for name in by_file[path]:
+                    if check is not None:
+                        check()
                     piece = _slice(f.get_slice(name), split_dim(name), rank, tp)
                     target = dtype if piece.is_floating_point() else piece.dtype
                     # A copy: no view of the file's memory map outlives the read.
@@ -206,6 +219,17 @@ def rebuild_rotary(model: nn.Module, device: torch.device) -> None:
 def layer_infos(infos: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:
     """The decoder-layer tensors of a checkpoint (what every rank reads a slice of)."""
     return {n: i for n, i in infos.items() if n.startswith(LAYER_PREFIX)}
+
+
+def vision_infos(infos: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """The vision tower's and projector's tensors (every rank reads them whole)."""
+    return {n: i for n, i in infos.items() if n.startswith(VISION_PREFIXES)}
+
+
+def tile_counts(tiles: int, tp: int) -> list[int]:
+    """How many of `tiles` image tiles each rank encodes: contiguous slices, rank 0 first, the
+    first `tiles % tp` ranks one more (5 over 2 ranks: [3, 2]; 1 over 2: [1, 0])."""
+    return [tiles // tp + (rank < tiles % tp) for rank in range(tp)]
 
 
 def tensor_bytes(model: nn.Module) -> dict[str, int]:

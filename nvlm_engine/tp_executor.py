@@ -1,32 +1,29 @@
-"""Rank 0 of a tensor-parallel engine: start the workers, drive them, notice when one dies.
+"""Rank 0 of a loaded tensor-parallel engine: drive the workers, notice when one dies, stop them.
 
-`load_tensor_parallel` starts `tp - 1` worker processes (`tp_worker.py`, torch.multiprocessing
-"spawn"), loads rank 0's model meanwhile (the whole vision tower, projector, embeddings, final
-norm and LM head; its shard of every decoder layer), waits until every worker has loaded its
-shard, and joins them in a process group of its own (`tp_worker.Group`: gloo on the CPU, NCCL on
-CUDA, one GPU per rank; not torch.distributed's default group, so several engines, or a user's
-own group, can share a process). Scripts must guard their entry point with
-`if __name__ == "__main__":` (spawned workers import the main module). The engine's process is rank 0 and the only driver: `TensorParallelLink` sits on the
-model as `model.tp_link`, and the decode core's model work goes through it unchanged:
+`tp_startup.load_tensor_parallel` starts the workers and joins them in a process group of the
+engine's own (`tp_worker.Group`: not torch.distributed's default group, so several engines, or
+a user's own group, can share a process). The engine's process is rank 0 and the only driver:
+`TensorParallelLink` sits on the model as `model.tp_link`, and the decode core's model work goes
+through it unchanged:
 
 - `DecodeCore._new_cache` asks it for a `MirroredKVCache`, whose `ensure` and `copy_prefix`
   send the same command to every worker (each command names its core, so caches stay apart);
 - `decoder.mixed_step` (decode rows and prefill chunks) enters `link.step(...)`: the
   command goes out by pipe, the layer inputs by broadcast, then rank 0 runs its own shard while
   the workers run theirs; one lock keeps each command and its collectives together when
-  several threads decode on one engine.
+  several threads decode on one engine;
+- `NVLMModel.encode_images` calls `link.encode_images(...)`: every rank holds the vision tower
+  and projector; the tiles go out by broadcast, each rank encodes its contiguous slice
+  (`tensor_parallel.tile_counts`), and rank 0 gathers the image tokens in order.
 
-Only rank 0 computes logits and samples; images are encoded on rank 0 alone (splitting the
-tiles of a batch over the ranks is left to do). Liveness: a watcher thread waits on every
+Only rank 0 computes logits and samples. Liveness: a watcher thread waits on every
 worker's process handle; when one exits, the others are killed at once (so a collective rank 0
 is blocked in fails within milliseconds instead of at the group's timeout), and the request in
 flight, and every later one, fails with `TensorParallelError` naming the rank and its exit code.
 The group has a timeout too, so a hung (not dead) peer cannot block forever. `close()` (also
 at interpreter exit) stops the workers and shuts the group down; no process is left behind.
-A worker also exits by itself when rank 0's process is gone (`tp_worker`).
-
-On the CPU each rank gets `cpu_count // tp` torch threads (rank 0's setting is restored at
-`close()`), so the ranks do not oversubscribe the cores.
+A worker also exits by itself when rank 0's process is gone (`tp_worker`). Rank 0's torch
+thread count (lowered on the CPU while the ranks share its cores) is restored at `close()`.
 """
 
 from __future__ import annotations
@@ -34,28 +31,22 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing.connection
-import os
 import threading
 import weakref
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from .checkpoint import TensorInfo, fill_model
-from .config import NVLMConfig
 from .decoder import Chunk
-from .devices import resolve_dtype
 from .errors import TensorParallelError
 from .kv_cache import KVCache
-from .tensor_parallel import build_rank0_model, check_tp_size, fill_shards, layer_infos, rank_devices, rebuild_rotary
-from .tp_worker import Command, Group, WorkerSpec, worker_main
+from .model import encode_tiles
+from .tensor_parallel import tile_counts
+from .tp_worker import Command, Group, padded_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +55,9 @@ _STOP_WAIT_S = 5.0
 
 
 @dataclass
-class _Worker:
+class Worker:
+    """One worker process as rank 0 sees it: its rank, its process handle, its end of the pipe."""
+
     rank: int
     process: Any  # a multiprocessing Process of the spawn context
     conn: multiprocessing.connection.Connection
@@ -101,7 +94,7 @@ class TensorParallelLink:
     Made by `load_tensor_parallel`; set as `model.tp_link` (with `model.tp_reduce`).
     """
 
-    def __init__(self, workers: list[_Worker], *, tp: int, group: Group, threads_before: int) -> None:
+    def __init__(self, workers: list[Worker], *, tp: int, group: Group, threads_before: int) -> None:
         self.tp = tp
         self._workers = workers
         self._group = group
@@ -113,7 +106,7 @@ class TensorParallelLink:
         self._core_ids = itertools.count()
         self._threads_before = threads_before
         # At interpreter exit (or if the link is dropped unclosed): end the workers, leave the group.
-        self._finalizer = weakref.finalize(self, _reap, [w.process for w in workers], [w.conn for w in workers],
+        self._finalizer = weakref.finalize(self, reap, [w.process for w in workers], [w.conn for w in workers],
                                            group=group)
         self._watcher = threading.Thread(target=self._watch, name="nvlm-tp-watcher", daemon=True)
         self._watcher.start()
@@ -139,6 +132,24 @@ class TensorParallelLink:
             self._group.broadcast(hidden.contiguous())
             self._group.broadcast(torch.cat([positions, write_slots.to(positions.device)]).to(hidden.device, torch.long))
             yield
+
+    def encode_images(self, model: torch.nn.Module, pixel_values: torch.Tensor, chunk_tiles: int) -> torch.Tensor:
+        """Tiles [T, 3, H, W] -> image tokens [T, 256, hidden], each rank encoding a contiguous slice.
+
+        Rank 0 encodes the first slice with its own tower while the workers encode theirs; the
+        slices come back by one gather, padded to the largest (`tp_worker.padded_tokens`).
+        """
+        vision, projector = model.vision_model, model.mlp1
+        first = vision.embeddings.patch_embedding.weight
+        counts = tile_counts(pixel_values.shape[0], self.tp)
+        with self._guard():
+            self._send(Command("encode", -1, (tuple(counts), tuple(pixel_values.shape[1:]), chunk_tiles)))
+            pixels = pixel_values.to(device=first.device, dtype=first.dtype).contiguous()
+            self._group.broadcast(pixels)
+            ours = encode_tiles([(vision, projector)], model.config, pixels[: counts[0]], chunk_tiles)
+            pieces = self._group.gather(padded_tokens(ours, max(counts), model.config, ours.dtype, ours.device))
+        assert pieces is not None  # rank 0 is the gather's root
+        return torch.cat([piece[:count] for piece, count in zip(pieces, counts)])
 
     def send(self, command: Command) -> None:
         """Send one command that needs no collective (cache bookkeeping)."""
@@ -252,14 +263,14 @@ class TensorParallelLink:
                 except OSError:
                     pass
         self._finalizer.detach()
-        _reap([w.process for w in self._workers], [w.conn for w in self._workers],
+        reap([w.process for w in self._workers], [w.conn for w in self._workers],
               wait_s=_STOP_WAIT_S if graceful else 0.0, group=self._group)
         if threading.current_thread() is not self._watcher:  # thread settings are per thread for OpenMP
             torch.set_num_threads(self._threads_before)
             self._watcher.join(timeout=2.0)
 
 
-def _reap(processes: list[Any], conns: list[multiprocessing.connection.Connection], wait_s: float = 2.0,
+def reap(processes: list[Any], conns: list[multiprocessing.connection.Connection], wait_s: float = 2.0,
           group: Group | None = None) -> None:
     """Close the pipes (an idle worker exits on their end), join `processes` for up to `wait_s`
     seconds, kill the rest, leave the group. Also what runs at interpreter exit."""
@@ -273,89 +284,3 @@ def _reap(processes: list[Any], conns: list[multiprocessing.connection.Connectio
         process.join(_STOP_WAIT_S)
     if group is not None:
         group.shutdown()
-
-
-def load_tensor_parallel(folder: Path, config: NVLMConfig, infos: Mapping[str, TensorInfo], *, tp: int,
-                         device_map: Any, dtype: str | torch.dtype | None, context_length: int,
-                         timeout_s: float = TIMEOUT_S) -> torch.nn.Module:
-    """Start the workers, load rank 0's model, join the group; returns rank 0's model, linked.
-
-    Raises:
-        TensorParallelOptionsError: a size or device map tensor parallelism cannot use.
-        TensorParallelError: a worker failed to load its shard or exited while loading.
-    """
-    check_tp_size(config.llm, tp)
-    devices = rank_devices(device_map, tp)
-    compute_dtype = resolve_dtype(dtype, devices[0])
-    backend = "nccl" if devices[0].type == "cuda" else "gloo"
-    threads_before = torch.get_num_threads()
-    threads = max(1, (os.cpu_count() or 1) // tp) if devices[0].type == "cpu" else threads_before
-    store = dist.TCPStore("127.0.0.1", 0, tp, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=timeout_s))
-    context = torch.multiprocessing.get_context("spawn")
-    layers = layer_infos(infos)
-    workers: list[_Worker] = []
-    try:
-        for rank in range(1, tp):
-            ours, theirs = context.Pipe(duplex=True)
-            spec = WorkerSpec(rank=rank, tp=tp, port=store.port, backend=backend, device=str(devices[rank]),
-                              dtype=compute_dtype, config=config, context_length=context_length, infos=layers,
-                              timeout_s=timeout_s, threads=threads, parent_pid=os.getpid())
-            process = context.Process(target=worker_main, args=(spec, theirs), daemon=True,
-                                      name=f"nvlm-tp-rank{rank}")
-            process.start()
-            theirs.close()
-            workers.append(_Worker(rank, process, ours))
-        torch.set_num_threads(threads)
-        model = _load_rank0(config, infos, layers, tp=tp, device=devices[0], dtype=compute_dtype,
-                            context_length=context_length)
-        _wait_loaded(workers)
-        group = Group(backend, store.port, 0, tp, timeout_s, store=store)
-    except BaseException:
-        _reap([w.process for w in workers], [w.conn for w in workers], wait_s=0.0)
-        torch.set_num_threads(threads_before)
-        raise
-    link = TensorParallelLink(workers, tp=tp, group=group, threads_before=threads_before)
-    model.tp_link = link
-    model.tp_reduce = group.all_reduce
-    logger.info("tensor parallel x%d (%s) on %s: workers %s", tp, backend, [str(d) for d in devices], link.worker_pids)
-    return model
-
-
-def _load_rank0(config: NVLMConfig, infos: Mapping[str, TensorInfo], layers: Mapping[str, TensorInfo], *, tp: int,
-                device: torch.device, dtype: torch.dtype, context_length: int) -> torch.nn.Module:
-    """Rank 0's model: everything but the decoder layers whole, its slice of every layer tensor."""
-    model = build_rank0_model(config, context_length, tp)
-    head = "language_model.lm_head.weight"
-    # CPU GEMM kernels read a column-major LM head faster at small batches (as `loading.py` does).
-    column_major = frozenset({head}) if device.type == "cpu" else frozenset()
-    rest = {n: i for n, i in infos.items() if n not in layers}
-    fill_model(model, rest, device_of=lambda _: device, dtype=dtype, column_major=column_major)
-    fill_shards(model, layers, rank=0, tp=tp, device=device, dtype=dtype)
-    rebuild_rotary(model, device)
-    leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
-    assert not leftovers, f"tensors left on meta after loading: {leftovers[:5]}"
-    model.prepare_for_inference()
-    return model
-
-
-def _wait_loaded(workers: list[_Worker]) -> None:
-    """Wait until every worker reports its shard loaded; a failure report or an exit raises."""
-    pending = {w.rank: w for w in workers}
-    while pending:
-        handles = [h for w in workers for h in ((w.conn,) if w.rank in pending else ()) + (w.process.sentinel,)]
-        multiprocessing.connection.wait(handles)
-        for worker in workers:
-            if worker.rank in pending and worker.conn.poll():
-                try:
-                    kind, detail = worker.conn.recv()
-                except EOFError:
-                    kind, detail = "failed", "it exited before reporting"
-                if kind != "loaded":
-                    raise TensorParallelError(f"tensor-parallel worker rank {worker.rank} failed to load its shard "
-                                              f"({detail}); fix the cause and load the engine again.")
-                del pending[worker.rank]
-            elif not worker.process.is_alive():
-                worker.process.join(0.1)
-                raise TensorParallelError(f"tensor-parallel worker rank {worker.rank} exited while loading (code "
-                                          f"{worker.process.exitcode}); check its output above, then load again.")

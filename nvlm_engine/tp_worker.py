@@ -1,9 +1,9 @@
 """A tensor-parallel worker rank: its process, its shard of the decoder layers, its mirror of the KV caches.
 
-Rank 0 (the engine's process, `tp_executor.py`) starts one such process per other rank. The
-worker reads its slice of every decoder-layer tensor (`tensor_parallel.fill_shards`), reports
-"loaded" through its pipe, joins the process group, and then serves `Command`s from the pipe
-in order, forever:
+Rank 0 (the engine's process, `tp_startup.py`) starts one such process per other rank. The
+worker reads its slice of every decoder-layer tensor (`tensor_parallel.fill_shards`) and the
+whole vision tower and projector, reports "loaded" through its pipe, joins the process group,
+and then serves `Command`s from the pipe in order, forever:
 
 - `new_cache` / `ensure` / `copy_prefix`: the same operation on its own `KVCache` of that core
   (its KV heads only), so every cache stays in step with rank 0's;
@@ -11,6 +11,9 @@ in order, forever:
   of its decode rows and prefill chunks, then their positions and the rows' write slots), then
   run `decoder.step_hidden` on its shard; the all-reduces inside pair with rank 0's. It
   computes no logits: rank 0 alone does, and samples;
+- `encode`: receive a request's image tiles by broadcast, encode this rank's contiguous slice
+  (`tensor_parallel.tile_counts`) with its own copy of the vision tower and projector, and send
+  the image tokens to rank 0 by gather (padded to the largest slice, trimmed by rank 0);
 - `stats`: reply with the bytes of every tensor it holds (what tests measure);
 - `stop`: leave the process group and exit.
 
@@ -18,6 +21,11 @@ Commands come by pipe, not by collective: an idle worker blocks on the pipe with
 and the pipe's end of file says rank 0 is gone. A worker also exits when its parent process
 changes (rank 0 killed), so none is left behind. Any failure is printed and ends the process
 with a non-zero code, which rank 0's watcher turns into a `TensorParallelError`.
+
+For tests only: `NVLM_ENGINE_TP_TEST_EXIT="<rank>:<stage>"` in the environment makes that rank
+exit with code 3 at `stage`: "load" (before reading its tensors) or "join" (after reporting
+"loaded", before joining the group; a second later, so that rank 0 is waiting in the
+rendezvous by then), the two moments rank 0 must notice a death while starting.
 """
 
 from __future__ import annotations
@@ -45,10 +53,10 @@ class Command:
     """One instruction from rank 0 to every worker (sent by pipe; our own process group only).
 
     Attributes:
-        op: "new_cache", "step", "stats", "stop", or a `KVCache` method that
+        op: "new_cache", "step", "encode", "stats", "stop", or a `KVCache` method that
             changes the cache (`MIRRORED_CACHE_METHODS`), called with `args` and `kwargs`.
         core: the decode core (KV cache) it applies to.
-        args, kwargs: the operation's arguments (ints).
+        args, kwargs: the operation's arguments (ints, tuples of ints, chunk records).
         drops: caches of cores rank 0 no longer has; the worker frees them first.
     """
 
@@ -75,13 +83,15 @@ class WorkerSpec:
     dtype: torch.dtype
     config: NVLMConfig
     context_length: int
-    infos: dict[str, TensorInfo]  # the decoder-layer tensors only
+    infos: dict[str, TensorInfo]  # the decoder-layer tensors, the vision tower's and the projector's
     timeout_s: float
     threads: int
     parent_pid: int
 
 
 logger = logging.getLogger(__name__)
+TEST_EXIT_ENV = "NVLM_ENGINE_TP_TEST_EXIT"  # "<rank>:<stage>": that rank exits with code 3 there (tests)
+TEST_EXIT_CODE = 3
 
 
 class Group:
@@ -117,6 +127,14 @@ class Group:
         """Rank 0's `tensor` into every other rank's `tensor`, in place."""
         self.pg.broadcast([tensor], self._root).wait()
 
+    def gather(self, tensor: torch.Tensor) -> list[torch.Tensor] | None:
+        """Every rank's `tensor` (same shape on all) to rank 0, in rank order; None on the others."""
+        root = dist.GatherOptions()
+        root.rootRank = 0
+        outputs = [[torch.empty_like(tensor) for _ in range(self.pg.size())]] if self.pg.rank() == 0 else []
+        self.pg.gather(outputs, [tensor], root).wait()
+        return outputs[0] if outputs else None
+
     def shutdown(self) -> None:
         """Leave the group (connections closed); the group cannot be used afterwards."""
         try:
@@ -130,6 +148,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     logging.basicConfig(level=logging.WARNING, format=f"%(levelname)s nvlm-engine TP rank {spec.rank}: %(message)s")
     _exit_with_parent(spec.parent_pid)
     try:
+        _test_exit(spec.rank, "load")
         model = _load(spec)
     except Exception as e:
         logger.exception("tensor-parallel worker rank %d failed to load its shard", spec.rank)
@@ -138,6 +157,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     from .tensor_parallel import tensor_bytes
 
     conn.send(("loaded", sum(tensor_bytes(model).values())))
+    _test_exit(spec.rank, "join")
     group: Group | None = None
     try:
         group = Group(spec.backend, spec.port, spec.rank, spec.tp, spec.timeout_s)
@@ -153,15 +173,18 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
 
 
 def _load(spec: WorkerSpec) -> torch.nn.Module:
-    from .tensor_parallel import WorkerModel, fill_shards, rebuild_rotary
+    from .checkpoint import fill_model
+    from .tensor_parallel import WorkerModel, fill_shards, layer_infos, rebuild_rotary, vision_infos
 
     device = torch.device(spec.device)
     torch.set_num_threads(spec.threads)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     model = WorkerModel(spec.config, spec.context_length, spec.tp)
-    fill_shards(model, spec.infos, rank=spec.rank, tp=spec.tp, device=device, dtype=spec.dtype)
+    fill_shards(model, layer_infos(spec.infos), rank=spec.rank, tp=spec.tp, device=device, dtype=spec.dtype)
+    fill_model(model, vision_infos(spec.infos), device_of=lambda _: device, dtype=spec.dtype)
     rebuild_rotary(model, device)
+    model.vision_model.drop_dummy_heads()  # as rank 0's `prepare_for_inference` does, from the same tensors
     return model.eval()
 
 
@@ -169,6 +192,7 @@ def _serve(spec: WorkerSpec, model: torch.nn.Module, conn: Connection, group: Gr
     """Run rank 0's commands until "stop" or until rank 0 is gone."""
     from .decoder import step_hidden
     from .kv_cache import KVCache
+    from .model import encode_tiles
     from .tensor_parallel import tensor_bytes
 
     device = torch.device(spec.device)
@@ -201,11 +225,37 @@ def _serve(spec: WorkerSpec, model: torch.nn.Module, conn: Connection, group: Gr
             group.broadcast(hidden)
             group.broadcast(flat)
             step_hidden(model, caches[command.core], hidden, flat[:tokens], flat[tokens:], window, chunks)
+        elif op == "encode":
+            counts, tile_shape, chunk_tiles = args
+            pixels = torch.empty((sum(counts), *tile_shape), dtype=spec.dtype, device=device)
+            group.broadcast(pixels)
+            start, count = sum(counts[: spec.rank]), counts[spec.rank]
+            tokens = (encode_tiles([(model.vision_model, model.mlp1)], spec.config, pixels[start : start + count],
+                                   chunk_tiles) if count else None)
+            group.gather(padded_tokens(tokens, max(counts), spec.config, spec.dtype, device))
         elif op == "stats":
             conn.send({"weights": tensor_bytes(model), "kv": {c: kv.nbytes for c, kv in caches.items()},
                        "kv_heads": {c: kv.kv_heads for c, kv in caches.items()}})
         else:
             raise AssertionError(f"unknown command {op!r}")
+
+
+def padded_tokens(tokens: torch.Tensor | None, tiles: int, config: NVLMConfig, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """A rank's image tokens [t, 256, hidden] zero-padded to `tiles` tiles: what every rank sends to the gather
+    (collectives need one shape on all ranks; rank 0 trims each rank's padding)."""
+    out = torch.zeros((tiles, config.tokens_per_tile, config.llm.hidden_size), dtype=dtype, device=device)
+    if tokens is not None:
+        out[: tokens.shape[0]] = tokens
+    return out
+
+
+def _test_exit(rank: int, stage: str) -> None:
+    """Exit here when the test hook names this rank and stage (see the module docstring)."""
+    if os.environ.get(TEST_EXIT_ENV) == f"{rank}:{stage}":
+        time.sleep(1.0 if stage == "join" else 0.0)
+        logger.warning("exiting at stage %r (%s is set)", stage, TEST_EXIT_ENV)
+        os._exit(TEST_EXIT_CODE)
 
 
 def _exit_with_parent(parent_pid: int) -> None:

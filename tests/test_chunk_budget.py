@@ -90,3 +90,14 @@ def test_steps_that_measure_no_slower_with_more_tokens_get_the_full_chunk() -> N
         budget.record(0.03, tokens=tokens)
     given = _run(budget, lambda n: 0.03, [2] * 6)
     assert given[-1] == 256
+
+
+def test_a_long_prefill_at_one_batch_size_still_finds_the_line() -> None:
+    """Steps of one size leave the slope unknown; the budget must not stay stuck at its first guess."""
+    cost = _machine(0.02, 0.0002)
+    budget = ChunkBudget(512)
+    given = _run(budget, cost, [7] * 60)
+    assert given[0] != given[1]  # while the line is unknown, steps of two sizes
+    expected = _power_below(ALLOWANCE * cost(7) / 0.0002)
+    assert expected > 2 * MIN_CHUNK
+    assert given[-1] == expected, given

@@ -48,6 +48,8 @@ SPLIT = {"self_attn.o_proj.weight": 1, "mlp.down_proj.weight": 1, "input_layerno
 # Rank 0's extras in bf16 (test_placement.py's PINNED_BF16): vision 6,052,672,640 + projector
 # 620,717,056 + embed_tokens and lm_head 2 x 1,245,708,288 + final norm 8192 parameters, 2 bytes each.
 PINNED_BF16 = 2 * (6_052_672_640 + 620_717_056 + 2 * 1_245_708_288 + 8192)
+# Every other rank holds the vision tower and projector whole too (the tiles of a request are split across ranks).
+VISION_BF16 = 2 * (6_052_672_640 + 620_717_056)
 # By hand, TP=2 in bf16: a layer has 877,684,736 parameters, 16,384 of them in the norms; a rank
 # holds half the rest and both norms: 438,850,560 per layer, x 80 layers x 2 bytes.
 SHARE_TP2_BF16 = 70_216_089_600
@@ -105,13 +107,17 @@ def test_rank_bytes_are_the_shares_of_the_index(footprint: Footprint, index: dic
         assert share == SHARE_TP2_BF16  # the index and the hand count agree
     assert plan.layer_share_bytes == share
     assert plan.rank0_extra_bytes == PINNED_BF16
-    assert [r.weight_bytes for r in plan.ranks] == [share + PINNED_BF16] + [share] * (tp - 1)
-    # the shards add up to the whole model, the norms counted once
+    assert plan.vision_bytes == VISION_BF16
+    assert [r.weight_bytes for r in plan.ranks] == [share + PINNED_BF16] + [share + VISION_BF16] * (tp - 1)
+    # the shards add up to the whole model, the norms and the vision tower and projector counted once
     norms = 2 * 2 * H * N_LAYERS
-    assert sum(r.weight_bytes for r in plan.ranks) - (tp - 1) * norms == footprint.total_bytes
-    assert sum(r.tensor_count for r in plan.ranks) - (tp - 1) * 12 * N_LAYERS == len(index["weight_map"])
+    assert sum(r.weight_bytes for r in plan.ranks) - (tp - 1) * (norms + VISION_BF16) == footprint.total_bytes
+    vision_tensors = sum(1 for n in index["weight_map"] if n.startswith(("vision_model.", "mlp1.")))
+    assert sum(r.tensor_count for r in plan.ranks) - (tp - 1) * (12 * N_LAYERS + vision_tensors) == len(
+        index["weight_map"])
     assert [r.kv_bytes_per_token for r in plan.ranks] == [KV_PER_TOKEN // tp] * tp
-    assert plan.ranks[0].modules[0] == "vision_model" and "vision_model" not in plan.ranks[-1].modules
+    assert plan.ranks[0].modules[0] == "vision_model" and "lm_head" not in " ".join(plan.ranks[-1].modules)
+    assert plan.ranks[-1].modules[:2] == ("vision_model", "mlp1")
 
 
 @pytest.mark.parametrize("scheme", ["bnb-8bit", "fp8"])
@@ -132,7 +138,7 @@ def test_memory_budgets_and_kv_room_are_honoured(footprint: Footprint) -> None:
     settings = {"context_length": CONTEXT, "batch_size": batch, "overhead_bytes": overhead,
                 "activation_bytes": activation}
     plan = plan_tensor_parallel(footprint, [DeviceSpec("cuda:0", need0), DeviceSpec("cuda:1", need0)], **settings)
-    room1 = need0 - SHARE_TP2_BF16 - overhead - activation
+    room1 = need0 - SHARE_TP2_BF16 - VISION_BF16 - overhead - activation
     assert plan.kv_tokens == (CONTEXT * batch, room1 // (KV_PER_TOKEN // 2))
     assert plan.max_context_tokens == CONTEXT
     with pytest.raises(PlanError) as failed:
@@ -210,7 +216,8 @@ def test_cli_per_rank_table(real_72b: Path) -> None:
     assert "2 x H200 (140.4 GiB), bfloat16, context 32,768 tokens x batch 1, tensor parallel 2" in output
     assert "KV cache 320 KiB per token, 160 KiB per rank" in output
     rows = [line.split() for line in output.splitlines() if line.startswith("cuda:")]
-    assert [row[3] for row in rows] == [f"{(SHARE_TP2_BF16 + PINNED_BF16) / GIB:.1f}", f"{SHARE_TP2_BF16 / GIB:.1f}"]
+    assert [row[3] for row in rows] == [f"{(SHARE_TP2_BF16 + PINNED_BF16) / GIB:.1f}",
+                                        f"{(SHARE_TP2_BF16 + VISION_BF16) / GIB:.1f}"]
     assert all(line.endswith("1/2 of layers 0-79 (80)") for line in output.splitlines() if line.startswith("cuda:"))
     assert "KV cache room per rank:" in output and "layer split ~31 tokens/s, tensor split ~51 tokens/s" in output
     assert f"Run it: nvlm-chat -m {real_72b} --tensor-parallel 2  # nvlm-serve takes the same flags" in output

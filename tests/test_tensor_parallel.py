@@ -6,8 +6,12 @@ leaves one KV head per rank) is loaded once in one process and once over 2 proce
 
 - greedy tokens identical to one process for text, an image, a batch, streaming, chunked
   prefill and a prefix copied from a running request; logits within fp32 tolerance;
+- an image's tiles split across the ranks in contiguous slices (also fewer tiles than ranks,
+  and uneven), their tokens gathered in order and equal to one process's within tolerance;
 - each rank's resident decoder tensors are exactly 1/TP of the split ones (workers report
-  their bytes), the workers hold nothing else, and the KV cache is sharded by KV head;
+  their bytes), the workers hold the whole vision tower and projector besides (the tiles of a
+  request are split across ranks: `test_tensor_parallel_vision.py`) and nothing else, and the
+  KV cache is sharded by KV head;
 - sizes that do not divide the heads and unsupported combinations are refused before any
   process starts; TP=4 once; a clean `close()` leaves no process;
 - a worker killed with SIGKILL while a request streams: the request fails with
@@ -28,13 +32,13 @@ import torch
 from PIL import Image
 from shared_paths import REAL_72B
 
-from nvlm_engine import NVLMEngine
+from nvlm_engine import NVLMEngine, tp_executor
 from nvlm_engine.checkpoint import find_weight_files, read_tensor_infos
 from nvlm_engine.cores import DecodeSettings
 from nvlm_engine.decoder import decode_step, prefill_chunk
 from nvlm_engine.errors import RequestFailedError, TensorParallelError, TensorParallelOptionsError
 from nvlm_engine.kv_cache import KVCache
-from nvlm_engine.tensor_parallel import LAYER_PREFIX, tensor_bytes
+from nvlm_engine.tensor_parallel import LAYER_PREFIX, tensor_bytes, tile_counts
 from nvlm_engine.testing import build_tiny_checkpoint, tiny_config
 from nvlm_engine.tp_executor import MirroredKVCache
 from nvlm_engine.tp_worker import MIRRORED_CACHE_METHODS
@@ -62,9 +66,9 @@ def tp2(checkpoint: Path):
     engine.close()
 
 
-def _noise(seed: int) -> Image.Image:
+def _noise(seed: int, width: int = 448) -> Image.Image:
     g = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (448, 448, 3), generator=g, dtype=torch.uint8).numpy())
+    return Image.fromarray(torch.randint(0, 256, (448, width, 3), generator=g, dtype=torch.uint8).numpy())
 
 
 def _user(text: str, *images: Image.Image) -> list[dict]:
@@ -89,9 +93,44 @@ def test_text_greedy_identical(one: NVLMEngine, tp2: NVLMEngine) -> None:
     _same(tp2.generate(TEXT, max_new_tokens=24), one.generate(TEXT, max_new_tokens=24))
 
 
-def test_image_greedy_identical(one: NVLMEngine, tp2: NVLMEngine) -> None:
-    conversation = _user("Describe the picture.", _noise(1))
+def test_image_greedy_identical(one: NVLMEngine, tp2: NVLMEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2:1 image is 2 tiles and a thumbnail: rank 0 encodes 2, the worker 1, and the tokens do not change."""
+    own = _spy_rank0_tiles(monkeypatch)
+    conversation = _user("Describe the picture.", _noise(1, width=896))
     _same(tp2.generate(conversation, max_new_tokens=12), one.generate(conversation, max_new_tokens=12))
+    assert own == [2]
+
+
+def _spy_rank0_tiles(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record how many tiles rank 0 encodes itself in each tensor-parallel `encode_images`."""
+    own: list[int] = []
+    real = tp_executor.encode_tiles
+
+    def spy(towers, config, pixels, chunk_tiles):
+        own.append(pixels.shape[0])
+        return real(towers, config, pixels, chunk_tiles)
+
+    monkeypatch.setattr(tp_executor, "encode_tiles", spy)
+    return own
+
+
+@pytest.mark.parametrize("tiles", [1, 3, 4])
+@torch.inference_mode()
+def test_image_tokens_split_across_ranks_equal_one_process(one: NVLMEngine, tp2: NVLMEngine,
+                                                           monkeypatch: pytest.MonkeyPatch, tiles: int) -> None:
+    """Contiguous slices (1 tile: rank 0 alone; 3: 2 + 1; 4: 2 + 2), gathered in order, as one process encodes."""
+    pixels = torch.randn((tiles, 3, 448, 448), generator=torch.Generator().manual_seed(tiles))
+    own = _spy_rank0_tiles(monkeypatch)
+    ours = tp2.model.encode_images(pixels, chunk_tiles=1)  # chunks smaller than a slice: every rank loops
+    reference = one.model.encode_images(pixels)
+    assert own == [tile_counts(tiles, 2)[0]] == [(tiles + 1) // 2]
+    assert ours.shape == reference.shape == (tiles * 256, one.model.config.llm.hidden_size)
+    torch.testing.assert_close(ours, reference, atol=ATOL, rtol=0)
+
+
+def test_tile_counts() -> None:
+    assert [tile_counts(t, 2) for t in (1, 2, 3, 7)] == [[1, 0], [1, 1], [2, 1], [4, 3]]
+    assert tile_counts(6, 4) == [2, 2, 1, 1] and tile_counts(2, 4) == [1, 1, 0, 0]
 
 
 def test_batch_greedy_identical(one: NVLMEngine, tp2: NVLMEngine) -> None:
@@ -175,8 +214,11 @@ def test_each_rank_holds_its_share(checkpoint: Path, tp2: NVLMEngine) -> None:
         for name, count in numel.items():
             expected = count * 4 if name.endswith(replicated) else count * 4 // 2  # fp32
             assert held[name] == expected, (rank, name)
-    # The worker holds the decoder layers' shares and the rotary table: no embeddings, head or vision.
-    assert {n for n in worker["weights"] if not n.startswith(LAYER_PREFIX)} <= {
+    # The worker holds the decoder layers' shares, the rotary table, and the vision tower and projector
+    # whole, exactly as rank 0 holds them (after the same dummy-head trim): no embeddings, final norm or head.
+    vision = {n: b for n, b in ours.items() if n.startswith(("vision_model.", "mlp1."))}
+    assert vision and {n: b for n, b in worker["weights"].items() if n.startswith(("vision_model.", "mlp1."))} == vision
+    assert {n for n in worker["weights"] if not n.startswith(LAYER_PREFIX) and n not in vision} <= {
         "language_model.model.rotary_emb.inv_freq", "language_model.model.rotary_emb.original_inv_freq"}
     split = sum(count * 4 for name, count in numel.items() if not name.endswith(replicated))
     assert sum(b for n, b in worker["weights"].items() if n in numel and not n.endswith(replicated)) == split // 2
