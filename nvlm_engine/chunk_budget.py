@@ -31,17 +31,20 @@ class ChunkBudget:
 
     Args:
         max_tokens: the configured chunk (`DecodeSettings.chunk_tokens`): never more.
+        allowance: how much longer than a decode-only step a prefilling step may take, as a
+            fraction of it (`ALLOWANCE`; `math.inf`: no bound, the whole chunk every step).
     """
 
-    def __init__(self, max_tokens: int) -> None:
+    def __init__(self, max_tokens: int, *, allowance: float = ALLOWANCE) -> None:
         self.max_tokens = max(1, max_tokens)
+        self.allowance = allowance
         self._sums = (0.0, 0.0, 0.0, 0.0, 0.0)  # weighted count, sum x, sum y, sum x^2, sum xy
         self._last = MIN_CHUNK  # the last budget given while rows were decoding
         self._probe = False  # the next unknown-line budget is `_last + MIN_CHUNK` (steps of two sizes)
 
     def tokens(self, *, rows: int) -> int:
         """The prefill budget of the next step, which decodes `rows` running rows."""
-        if rows == 0:
+        if rows == 0 or self.allowance == float("inf"):
             return self.max_tokens
         if self.line() is None:  # steps of one size say nothing of the slope: every other one is a bit larger
             probe, self._probe = self._probe, not self._probe
@@ -53,7 +56,7 @@ class ChunkBudget:
         fixed, per_token = self.line()
         if per_token <= 0:
             return self.max_tokens  # bigger steps measured no slower: prefill rides along for free
-        fitting = int(ALLOWANCE * max(fixed + per_token * rows, 0.0) / per_token)
+        fitting = int(self.allowance * max(fixed + per_token * rows, 0.0) / per_token)
         power = MIN_CHUNK  # a power of two: chunk boundaries move only when the speeds really change
         while power * 2 <= min(fitting, self.max_tokens):
             power *= 2
