@@ -54,7 +54,7 @@ from .generation_records import (  # noqa: F401 (re-exported: the public names o
     Usage,
 )
 from .image_cache import ImageEmbeddingCache, image_key
-from .kv_cache import KVCache, KVCacheFullError
+from .kv_cache import KVCache, KVCacheFullError, KVCacheGrowing
 from .model import NVLMModel
 from .prefix_cache import PrefixIndex, content_keys
 from .slot_placement import SlotPlanner
@@ -180,6 +180,8 @@ class DecodeCore:
             need = len(row.request.prompt_ids) + row.options.max_new_tokens
             try:
                 slot, start = self._slot_for(row, need)
+            except KVCacheGrowing:
+                break  # the cache is being resized off this thread: the row is placed at a later step
             except KVCacheFullError as e:
                 if self._holding():
                     break  # room comes back when a running request ends
@@ -209,7 +211,8 @@ class DecodeCore:
         """A slot for `row` and how many of its prompt positions already hold its KV there."""
         match = self.prefix.lookup(row.keys, max_length=len(row.keys) - 1, count=not row.looked_up)
         row.looked_up = True
-        return SlotPlanner(self.kv, self.prefix, self._busy_slots()).place(match, need)
+        background = self._holding() and getattr(self.model, "tp_link", None) is None  # streams are waiting
+        return SlotPlanner(self.kv, self.prefix, self._busy_slots(), background=background).place(match, need)
 
     # --- one step ------------------------------------------------------------------------
 

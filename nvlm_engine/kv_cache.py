@@ -11,13 +11,18 @@ Memory grows on demand and is bounded: slots and per-slot capacity double when n
 per doubling, like a vector), capacity never beyond the context length and slots x capacity
 never beyond `max_tokens` (the KV room the placement plan left). Everything starts as zeros: a
 masked-out key that held NaN garbage would still poison a row (softmax weight 0 x NaN is NaN).
+Zero-filling the bigger tensors is most of a resize's cost (about 80 ms for 150 MiB on a CPU),
+so a caller with streams running can ask for it in the background (`ensure(background=True)`):
+a thread allocates the zeroed tensors while decoding goes on, and a later call swaps them in,
+copying only what is kept.
 
 Knows tensor shapes and devices; knows nothing of requests, prompts or sampling.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -28,6 +33,39 @@ MIN_CAPACITY = 256  # tokens per slot at first; doubled as sequences grow
 
 class KVCacheFullError(NVLMError):
     """The KV cache cannot grow to hold a request: wait for others to end, or shorten it."""
+
+
+class KVCacheGrowing(Exception):  # not an error: a resize is under way, ask again later
+    """`ensure(background=True)`: the bigger tensors are being allocated; call again after a step."""
+
+
+class _Allocation:
+    """Zeroed key and value tensors of one shape per layer device, allocated on a thread of their own."""
+
+    def __init__(self, shape: tuple[int, int], make: Callable[[], list[torch.Tensor]]) -> None:
+        self.shape = shape
+        self.tensors: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self.tensors = make(), make()
+            except BaseException as e:  # noqa: BLE001 (handed to the caller that takes the tensors)
+                self.error = e
+
+        self._thread = threading.Thread(target=run, name="nvlm-kv-grow", daemon=True)
+        self._thread.start()
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def take(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        assert self.tensors is not None
+        return self.tensors
 
 
 class KVCache:
@@ -56,6 +94,7 @@ class KVCache:
         self.static_addresses = False
         """Mark each new tensor as a static address for `torch.compile`, so CUDA graphs can write
         the cache in place (set by a core that compiles its decode step)."""
+        self._pending: _Allocation | None = None  # a background resize under way
 
     @property
     def scratch(self) -> int:
@@ -75,14 +114,17 @@ class KVCache:
         slots, capacity = self._target(slots, capacity, used)
         return slots <= self.max_slots and capacity <= self.max_capacity and self._within_budget(slots, capacity)
 
-    def ensure(self, slots: int, capacity: int, *, used: int | None = None) -> None:
+    def ensure(self, slots: int, capacity: int, *, used: int | None = None, background: bool = False) -> None:
         """Resize to at least `slots` sequences of `capacity` tokens; the KV of slots `0..used-1` is kept.
 
         Slots grow by doubling where the budget allows; when a longer capacity needs room, unused
         slots beyond `used` are dropped (the budget is for slots x capacity, not each alone).
+        `background`: allocate the bigger tensors on another thread and raise `KVCacheGrowing`
+        until they are ready; the call after that swaps them in.
 
         Raises:
             KVCacheFullError: beyond `max_slots`, the context length or `max_tokens`.
+            KVCacheGrowing: `background` and the resize is not ready yet.
         """
         needed, new_capacity = self._target(slots, capacity, used)
         if needed <= self.slots and new_capacity <= self.capacity:
@@ -97,10 +139,26 @@ class KVCache:
             new_slots = min(max(needed, 2 * self.slots), self.max_slots)
         while new_slots > needed and not self._within_budget(new_slots, new_capacity):
             new_slots -= 1
+        keys, values = self._zeroed((new_slots, new_capacity), background)
         keep = min(self.slots if used is None else used, new_slots)
-        self.keys = [self._grow(t, new_slots, new_capacity, d, keep) for t, d in zip(self._or_empty(self.keys), self.layer_devices)]
-        self.values = [self._grow(t, new_slots, new_capacity, d, keep) for t, d in zip(self._or_empty(self.values), self.layer_devices)]
+        self.keys = [self._keep(old, new, keep) for old, new in zip(self._or_empty(self.keys), keys)]
+        self.values = [self._keep(old, new, keep) for old, new in zip(self._or_empty(self.values), values)]
         self.slots, self.capacity = new_slots, new_capacity
+
+    def _zeroed(self, shape: tuple[int, int], background: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Zeroed keys and values of `shape` (slots, capacity) per layer: a finished background
+        allocation of that shape, or (not `background`) made now."""
+        pending = self._pending
+        if pending is not None and pending.shape != shape:  # the target moved since: start over
+            self._pending = pending = None
+        if background and (pending is None or not pending.done):
+            if pending is None:
+                self._pending = _Allocation(shape, lambda: [self._zeros(*shape, d) for d in self.layer_devices])
+            raise KVCacheGrowing(f"allocating {shape[0]} slot(s) of {shape[1]} tokens")
+        if pending is not None:
+            self._pending = None
+            return pending.take()
+        return ([self._zeros(*shape, d) for d in self.layer_devices], [self._zeros(*shape, d) for d in self.layer_devices])
 
     def _target(self, slots: int, capacity: int, used: int | None) -> tuple[int, int]:
         """The slot count and capacity a resize for (`slots`, `capacity`) needs at least."""
@@ -119,9 +177,12 @@ class KVCache:
     def _or_empty(self, tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
         return list(tensors) if tensors else [None] * len(self.layer_devices)
 
-    def _grow(self, old: torch.Tensor | None, slots: int, capacity: int, device: torch.device, keep: int) -> torch.Tensor:
-        new = torch.zeros((slots + 1, self.kv_heads, capacity, self.head_dim), dtype=self.dtype, device=device)
-        if old is not None and keep:  # the old scratch slot is not kept: it holds nothing
+    def _zeros(self, slots: int, capacity: int, device: torch.device) -> torch.Tensor:
+        return torch.zeros((slots + 1, self.kv_heads, capacity, self.head_dim), dtype=self.dtype, device=device)
+
+    def _keep(self, old: torch.Tensor | None, new: torch.Tensor, keep: int) -> torch.Tensor:
+        """`new` holding the first `keep` slots of `old` (the old scratch slot is not kept: it holds nothing)."""
+        if old is not None and keep:
             new[:keep, :, : self.capacity] = old[:keep]
         if self.static_addresses:
             torch._dynamo.mark_static_address(new)

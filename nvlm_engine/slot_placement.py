@@ -26,22 +26,27 @@ TAKEOVER_TAIL = 4  # cached tokens a request may discard when it takes an idle s
 
 
 class SlotPlanner:
-    """One placement decision over `kv` and `prefix`, with `busy` the slots of running requests."""
+    """One placement decision over `kv` and `prefix`, with `busy` the slots of running requests.
 
-    def __init__(self, kv: KVCache, prefix: PrefixIndex, busy: set[int]) -> None:
-        self.kv, self.prefix, self.busy = kv, prefix, busy
+    `background`: a resize of the cache the placement needs is made off the caller's thread
+    (`KVCache.ensure(background=True)`): `place` raises `KVCacheGrowing` until it is ready.
+    """
+
+    def __init__(self, kv: KVCache, prefix: PrefixIndex, busy: set[int], *, background: bool = False) -> None:
+        self.kv, self.prefix, self.busy, self.background = kv, prefix, busy, background
 
     def place(self, match: PrefixMatch | None, need: int) -> tuple[int, int]:
         """The slot for a request of `need` tokens and how many prompt positions it already holds.
 
         Raises:
             KVCacheFullError: no room, even with every cached sequence evicted.
+            KVCacheGrowing: `background`, and the cache is still being resized for it.
         """
         if match is not None and match.idle:
             tail = self.prefix.length(match.slot) - match.length
             if tail <= TAKEOVER_TAIL or not self._can_place(need, protect=match.slot):
                 occupied = self.busy | set(self.prefix.idle_slots())
-                self.kv.ensure(match.slot + 1, need, used=max(occupied) + 1)
+                self.kv.ensure(match.slot + 1, need, used=max(occupied) + 1, background=self.background)
                 self.prefix.take(match.slot)
                 self.prefix.truncate(match.slot, match.length)
                 return match.slot, match.length
@@ -72,7 +77,7 @@ class SlotPlanner:
             if self.kv.fits(slot + 1, need, used=used):
                 for victim in victims:
                     self.prefix.evict(victim)
-                self.kv.ensure(slot + 1, need, used=used)
+                self.kv.ensure(slot + 1, need, used=used, background=self.background)
                 return self._compact(slot, protect)
         raise KVCacheFullError(f"no KV cache room for a sequence of {need} tokens")
 
