@@ -12,9 +12,12 @@ per doubling, like a vector), capacity never beyond the context length and slots
 never beyond `max_tokens` (the KV room the placement plan left). Everything starts as zeros: a
 masked-out key that held NaN garbage would still poison a row (softmax weight 0 x NaN is NaN).
 Zero-filling the bigger tensors is most of a resize's cost (about 80 ms for 150 MiB on a CPU),
-so a caller with streams running can ask for it in the background (`ensure(background=True)`):
+so a caller with streams running can ask for a big one (`background_bytes`) to be made in the
+background (`ensure(background=True)`):
 a thread allocates the zeroed tensors while decoding goes on, and a later call swaps them in,
-copying only what is kept.
+copying only what is kept; that holds old and new tensors at once, so it is done only when both
+fit the budget. Otherwise a resize goes layer by layer, freeing each old tensor as its copy is
+made (at most one layer's tensors more than the new size).
 
 Knows tensor shapes and devices; knows nothing of requests, prompts or sampling.
 """
@@ -29,6 +32,7 @@ import torch
 from .errors import NVLMError
 
 MIN_CAPACITY = 256  # tokens per slot at first; doubled as sequences grow
+BACKGROUND_BYTES = 32 * 2**20  # a resize at least this big is made in the background when asked (~20 ms on a CPU)
 
 
 class KVCacheFullError(NVLMError):
@@ -95,6 +99,8 @@ class KVCache:
         """Mark each new tensor as a static address for `torch.compile`, so CUDA graphs can write
         the cache in place (set by a core that compiles its decode step)."""
         self._pending: _Allocation | None = None  # a background resize under way
+        self.background_bytes = BACKGROUND_BYTES
+        """Smaller resizes are made at once even when `ensure(background=True)`: they cost little."""
 
     @property
     def scratch(self) -> int:
@@ -139,15 +145,38 @@ class KVCache:
             new_slots = min(max(needed, 2 * self.slots), self.max_slots)
         while new_slots > needed and not self._within_budget(new_slots, new_capacity):
             new_slots -= 1
-        keys, values = self._zeroed((new_slots, new_capacity), background)
+        shape = (new_slots, new_capacity)
         keep = min(self.slots if used is None else used, new_slots)
-        self.keys = [self._keep(old, new, keep) for old, new in zip(self._or_empty(self.keys), keys)]
-        self.values = [self._keep(old, new, keep) for old, new in zip(self._or_empty(self.values), values)]
+        background = background and self._bytes(shape) >= self.background_bytes and self._room_for_both(shape)
+        ready = self._background(shape, background)
+        if ready is not None:
+            keys, values = ready
+            self.keys = [self._keep(old, new, keep) for old, new in zip(self._or_empty(self.keys), keys)]
+            self.values = [self._keep(old, new, keep) for old, new in zip(self._or_empty(self.values), values)]
+        else:  # layer by layer: each old tensor is freed as its copy is made (peak: one layer more)
+            self.keys, self.values = self._or_empty(self.keys), self._or_empty(self.values)
+            for i, device in enumerate(self.layer_devices):
+                self.keys[i] = self._keep(self.keys[i], self._zeros(*shape, device), keep)
+                self.values[i] = self._keep(self.values[i], self._zeros(*shape, device), keep)
         self.slots, self.capacity = new_slots, new_capacity
 
-    def _zeroed(self, shape: tuple[int, int], background: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Zeroed keys and values of `shape` (slots, capacity) per layer: a finished background
-        allocation of that shape, or (not `background`) made now."""
+    def _bytes(self, shape: tuple[int, int]) -> int:
+        """Bytes of the keys and values of every layer at `shape` (slots, capacity)."""
+        per_token = 2 * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+        return len(self.layer_devices) * (shape[0] + 1) * shape[1] * per_token
+
+    def _room_for_both(self, shape: tuple[int, int]) -> bool:
+        """Whether the old tensors and new ones of `shape` fit the budget together (a background
+        resize holds both until it swaps)."""
+        old = (self.slots + 1) * self.capacity if self.keys else 0
+        return self.max_tokens is None or old + (shape[0] + 1) * shape[1] <= self.max_tokens
+
+    def _background(self, shape: tuple[int, int], background: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """A finished background allocation of `shape` (slots, capacity); None: allocate now.
+
+        Raises:
+            KVCacheGrowing: `background`, and the allocation was just started or is not done.
+        """
         pending = self._pending
         if pending is not None and pending.shape != shape:  # the target moved since: start over
             self._pending = pending = None
@@ -158,7 +187,7 @@ class KVCache:
         if pending is not None:
             self._pending = None
             return pending.take()
-        return ([self._zeros(*shape, d) for d in self.layer_devices], [self._zeros(*shape, d) for d in self.layer_devices])
+        return None
 
     def _target(self, slots: int, capacity: int, used: int | None) -> tuple[int, int]:
         """The slot count and capacity a resize for (`slots`, `capacity`) needs at least."""
@@ -182,8 +211,9 @@ class KVCache:
 
     def _keep(self, old: torch.Tensor | None, new: torch.Tensor, keep: int) -> torch.Tensor:
         """`new` holding the first `keep` slots of `old` (the old scratch slot is not kept: it holds nothing)."""
-        if old is not None and keep:
-            new[:keep, :, : self.capacity] = old[:keep]
+        if old is not None and keep:  # (a layer may already be bigger: an earlier resize stopped half way)
+            held = min(self.capacity, old.shape[2], new.shape[2])
+            new[:keep, :, :held] = old[:keep, :, :held]
         if self.static_addresses:
             torch._dynamo.mark_static_address(new)
         return new

@@ -65,8 +65,8 @@ def load_checkpoint(
     """Load and place a checkpoint (see `NVLMEngine.from_pretrained` for every argument and error)."""
     # 1. Arguments that fail without reading anything.
     if tensor_parallel != 1:
-        _check_tensor_parallel(tensor_parallel, device_map, quantization=quantization, max_memory=max_memory,
-                               decoding=decoding, vision_replicas=vision_replicas)
+        _check_tensor_parallel(tensor_parallel, device_map, max_memory=max_memory, decoding=decoding,
+                               vision_replicas=vision_replicas)
     scheme = get_scheme(quantization)
     if scheme is not None:
         check_runtime(scheme, [])  # CUDA (and bitsandbytes) present at all
@@ -94,7 +94,8 @@ def load_checkpoint(
     if tensor_parallel != 1:  # every rank reads its slice of the layers (tp_startup.py); no layer split plan
         return _load_tensor_parallel(model, folder, infos, tokenizer, name=display_name(path, folder),
                                      tp=tensor_parallel, device_map=device_map, dtype=dtype,
-                                     context_length=context_length, batch_size=batch_size, decoding=decoding)
+                                     context_length=context_length, batch_size=batch_size, decoding=decoding,
+                                     scheme=scheme)
     # 3. The placement plan, from the real tensor shapes and stored dtypes.
     placement = resolve_placement(
         device_map, model, dtype=dtype, max_memory=max_memory, context_length=context_length,
@@ -131,16 +132,21 @@ def load_checkpoint(
 
 
 
-def _check_tensor_parallel(tp: int, device_map: DeviceMapLike | None, *, quantization: Any,
+def _check_tensor_parallel(tp: int, device_map: DeviceMapLike | None, *,
                            max_memory: Mapping[str | int, int | str] | None, decoding: DecodeSettings | None,
                            vision_replicas: bool) -> None:
-    """Refuse, before reading anything, what `tensor_parallel > 1` cannot be combined with (yet)."""
+    """Refuse, before reading anything, what `tensor_parallel > 1` cannot be combined with (yet).
+
+    Quantization is not refused here: every rank quantizes its own shards (`tensor_parallel.py`),
+    and `quantization.check_runtime` refuses, as in one process, a scheme the ranks' devices
+    cannot run (FP8 without CUDA compute capability 8.9+, bitsandbytes missing or too old).
+    """
     from .errors import TensorParallelOptionsError
     from .tensor_parallel import rank_devices
 
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise TensorParallelOptionsError(f"tensor_parallel must be a positive int, got {tp!r}; use 1, 2, 4 or 8.")
-    refused = [label for label, given in (("quantization", quantization is not None), ("max_memory", max_memory),
+    refused = [label for label, given in (("max_memory", max_memory),
                                           ("vision_replicas", vision_replicas),
                                           ("decoding.compile", decoding is not None and decoding.compile)) if given]
     if refused:
@@ -152,8 +158,12 @@ def _check_tensor_parallel(tp: int, device_map: DeviceMapLike | None, *, quantiz
 
 def _load_tensor_parallel(model: NVLMModel, folder: Path, infos: dict, tokenizer: Any, *, name: str, tp: int,
                           device_map: DeviceMapLike | None, dtype: str | torch.dtype | None, context_length: int,
-                          batch_size: int, decoding: DecodeSettings | None) -> LoadedCheckpoint:
+                          batch_size: int, decoding: DecodeSettings | None,
+                          scheme: QuantizationScheme | None) -> LoadedCheckpoint:
     """`load_checkpoint` with `tensor_parallel > 1`, from the model on `meta` and the checked tensor headers.
+
+    With `scheme`, every rank's devices are checked to run it first, and the plan sizes each
+    rank's linear shards as that scheme stores them.
 
     On CUDA every rank's memory is planned before any worker starts (`tp_startup.rank_kv_tokens`:
     a rank that does not fit raises `PlanError`), and the KV cache is sized from the tightest
@@ -161,18 +171,22 @@ def _load_tensor_parallel(model: NVLMModel, folder: Path, infos: dict, tokenizer
     """
     from .devices import local_gpus
     from .placement_sizes import Footprint
-    from .tensor_parallel import rank_devices
+    from .quantization import check_linear_shapes
+    from .tensor_parallel import rank_devices, shard_shape
     from .tp_startup import load_tensor_parallel, rank_gpu_specs, rank_kv_tokens
 
     devices = rank_devices(device_map, tp)
+    if scheme is not None:
+        check_runtime(scheme, devices)
+        check_linear_shapes(scheme, {n: shard_shape(n, i.shape, tp) for n, i in infos.items()}, devices)
     gpus = rank_gpu_specs(devices, local_gpus() if devices[0].type == "cuda" else [])
     kv_tokens = None
     if gpus:
-        footprint = Footprint.from_model(model, dtype=resolve_dtype(dtype, devices[0]),
+        footprint = Footprint.from_model(model, dtype=resolve_dtype(dtype, devices[0]), quantization=scheme,
                                          stored_dtypes={n: i.dtype for n, i in infos.items()})
         kv_tokens = rank_kv_tokens(footprint, gpus, context_length=context_length, batch_size=batch_size)
     loaded = load_tensor_parallel(folder, model.config, infos, tp=tp, device_map=device_map, dtype=dtype,
-                                  context_length=context_length)
+                                  context_length=context_length, quantization=scheme)
     decoding = decoding or DecodeSettings()
     if decoding.kv_tokens is None and kv_tokens is not None:
         decoding = replace(decoding, kv_tokens=kv_tokens)

@@ -11,7 +11,8 @@ What each rank holds is the engine's sharding (`tensor_parallel.py`, `tp_executo
 1. every rank: its 1/tp share of each decoder tensor split across ranks (q/k/v and gate/up by
    output rows, o/down by input columns; `tensor_parallel.shard_shape`) and a whole copy of each
    replicated one (the two RMSNorms of every layer); quantized linears as the scheme stores a
-   shard of that shape (`Footprint.tensor_size`);
+   shard of that shape (`Footprint.tensor_size`: every rank quantizes its own shards, so a
+   row-parallel shard has its own row scales);
 2. every rank: the vision tower (its 25 heads are not split) and the projector, whole: the tiles
    of a request are split across the ranks, so each runs the tower (and reserves its activations);
    rank 0 also: the embeddings, the final norm and the LM head, whole;
@@ -51,7 +52,6 @@ from .tensor_parallel import check_tp_size, shard_shape
 
 __all__ = [
     "ALL_REDUCE_LATENCY_S",
-    "ENGINE_TP_REFUSES_QUANTIZATION",
     "GPU_BANDWIDTH",
     "NVLINK_GPUS",
     "VISION_MODULES",
@@ -89,11 +89,6 @@ NVLINK_GPUS = frozenset({"A100-40GB", "A100", "A100-80GB", "H100", "H100-80GB", 
 # What every rank holds whole besides its layer share (rule 2): the tiles of a request are split across ranks.
 VISION_MODULES = ("vision_model", "mlp1")
 
-# `NVLMEngine.from_pretrained` refuses quantization with tensor_parallel (`loading._check_tensor_parallel`
-# raises TensorParallelOptionsError; a test checks it still does): such a plan is sized, never advised.
-ENGINE_TP_REFUSES_QUANTIZATION = True
-
-
 @dataclass(frozen=True)
 class TensorParallelPlan:
     """What every rank of a tensor-parallel NVLM-D holds, rank 0 first.
@@ -129,11 +124,6 @@ class TensorParallelPlan:
         """The longest context (per sequence, at the planned batch size) every rank can hold."""
         limits = [r.max_tokens for r in self.ranks if r.max_tokens is not None]
         return min(limits) if limits else None
-
-    @property
-    def engine_supports(self) -> bool:
-        """Whether `NVLMEngine.from_pretrained(..., tensor_parallel=tp)` accepts these settings today."""
-        return not (ENGINE_TP_REFUSES_QUANTIZATION and self.footprint.quantization is not None)
 
 
 def tensor_parallel_sizes(footprint: Footprint) -> tuple[int, ...]:
@@ -273,8 +263,6 @@ def _failure(plan: TensorParallelPlan, overhead_bytes: int, activation_bytes: in
         devices = [r.device for r in plan.ranks]
 
         def fits(footprint: Footprint, gpus: Sequence[DeviceSpec], context_length: int, batch_size: int) -> bool:
-            if footprint.quantization is not None and ENGINE_TP_REFUSES_QUANTIZATION:
-                return False  # sized, but the engine refuses it: never a suggestion
             try:
                 plan_tensor_parallel(footprint, gpus, context_length=context_length, batch_size=batch_size,
                                      overhead_bytes=overhead_bytes, activation_bytes=activation_bytes, suggest=False)
@@ -357,7 +345,7 @@ class SplitChoice:
         tensor: True to run the tensor split (`tensor_parallel=tp`), False the layer split.
         tp: the tensor split's rank count (the number of GPUs).
         reason: why, in one sentence.
-        plan: the tensor plan when it fits (sized even when the engine does not support it yet).
+        plan: the tensor plan when it fits.
         estimate: both splits' decode bounds, when the GPUs' bandwidth is known.
     """
 
@@ -370,7 +358,7 @@ class SplitChoice:
 
 def choose_split(footprint: Footprint, gpus: Sequence[DeviceSpec], *, context_length: int, batch_size: int = 1,
                  overhead_bytes: int = DEFAULT_OVERHEAD_BYTES, activation_bytes: int | None = None) -> SplitChoice:
-    """The tensor split when the GPUs are alike, it fits, the engine runs it and it decodes faster; else the layer split.
+    """The tensor split when the GPUs are alike, it fits and it decodes faster; else the layer split.
 
     For GPUs the layer split fits (the caller plans that first); the speed is `estimate_decode` with
     the KV cache of a full `context_length` (the slowest token).
@@ -383,9 +371,6 @@ def choose_split(footprint: Footprint, gpus: Sequence[DeviceSpec], *, context_le
         return SplitChoice(False, tp, str(e))  # it cannot be used here, or does not fit: says which and why
     label = gpus[0].label
     estimate = estimate_decode(footprint, label, tp=tp, cache_tokens=context_length)
-    if not plan.engine_supports:
-        return SplitChoice(False, tp, "the tensor split with --quantization is not yet supported (the engine refuses "
-                                      "quantization with tensor_parallel); the layer split runs it", plan, estimate)
     if estimate is None:
         return SplitChoice(False, tp, f"there is no speed estimate for {label or 'these'} GPUs (memory bandwidth "
                                       "unknown); the layer split is the default", plan, None)

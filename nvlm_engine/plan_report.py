@@ -5,7 +5,7 @@ and the commands that run what it advises.
 Every command printed here runs as is: `nvlm-chat -m MODEL --quantization bnb-8bit
 --context-length 10240 --max-batch 1` uses the flag names `nvlm-chat` and `nvlm-serve` share
 (`COMMAND_FLAGS`), and a suggestion of more GPUs is a `nvlm-engine plan ... --gpus` command to
-check. A `--tensor-parallel` command never carries `--quantization` (the engine refuses the pair).
+check. A `--tensor-parallel` command may carry `--quantization`: every rank quantizes its own shards.
 Pure text from a `Plan`, a `TensorParallelPlan` or a `PlanError`: no devices, no weights, no click.
 """
 
@@ -70,7 +70,6 @@ def run_command(asked: Asked, **changes: object) -> str:
     if asked.revision:
         words += ["--revision", asked.revision]
     if int(str(s["tensor_parallel"])) > 1:
-        assert not s["quantization"], "the engine refuses quantization with tensor_parallel: never advise it"
         words += ["--tensor-parallel", str(s["tensor_parallel"])]
     if s["quantization"]:
         words += ["--quantization", str(s["quantization"])]
@@ -214,12 +213,7 @@ def format_plan(plan: Plan, *, title: str = "NVLM-D", split: str | None = None, 
 
 def format_tensor_plan(plan: TensorParallelPlan, *, title: str = "NVLM-D", asked: Asked | None = None,
                        estimate: DecodeEstimate | None = None) -> str:
-    """A tensor-parallel plan as text: the table per rank, the decode estimates, the command to run it.
-
-    When the engine does not yet run these settings with tensor parallelism (quantization), the
-    plan is shown as sized and marked not yet supported, and the command printed plans the layer
-    split instead.
-    """
+    """A tensor-parallel plan as text: the table per rank, the decode estimates, the command to run it."""
     fp = plan.footprint
     devices = [r.device for r in plan.ranks]
     kv_head = f"{fp.kv_bytes_per_token // plan.tp // 1024} KiB per rank"
@@ -235,21 +229,13 @@ def format_tensor_plan(plan: TensorParallelPlan, *, title: str = "NVLM-D", asked
         lines.append(size)
     if asked is None:
         return "\n".join(lines)
-    if plan.engine_supports:
-        lines.append(f"Run it: {run_command(asked)}  # nvlm-serve takes the same flags")
-    else:
-        lines.append(f"Not yet supported: the engine refuses --quantization with --tensor-parallel; plan the layer "
-                     f"split instead:\n  {_plan_command(replace(asked, tensor_parallel=1), _gpu_spec(devices))}")
+    lines.append(f"Run it: {run_command(asked)}  # nvlm-serve takes the same flags")
     return "\n".join(lines)
 
 
 def gpu_kinds(devices: Sequence[DeviceSpec]) -> list[tuple[str, int]]:
     """(label, memory bytes) of each GPU, a label made from the memory where it has none: what `--gpus` specs use."""
     return [(d.label or f"{d.memory_bytes / GIB:g}GiB", d.memory_bytes) for d in devices if not d.is_cpu]
-
-
-def _gpu_spec(devices: Sequence[DeviceSpec]) -> str:
-    return _more_gpus(gpu_kinds(devices), len(devices))
 
 
 def _choice_lines(choice: SplitChoice) -> list[str]:
@@ -259,8 +245,7 @@ def _choice_lines(choice: SplitChoice) -> list[str]:
     plan = choice.plan
     if plan is not None:
         longest = min(plan.max_context_tokens or 0, plan.footprint.config.llm.max_context_length())
-        fits = "fits" if plan.engine_supports else "not yet supported with --quantization, though it would fit"
-        lines.append(f"Tensor split ({flag}): {fits}, {format_gib(plan.layer_share_bytes)} of the decoder layers per rank "
+        lines.append(f"Tensor split ({flag}): fits, {format_gib(plan.layer_share_bytes)} of the decoder layers per rank "
                      f"and {format_gib(plan.rank0_extra_bytes)} more on rank 0 (vision tower, projector, embeddings, "
                      f"LM head); longest context at batch {plan.batch_size}: {longest:,} tokens.")
     if choice.estimate is not None:

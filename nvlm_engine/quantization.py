@@ -9,7 +9,8 @@ and LM head stay too (3% of the weights, and the logits are what sampling sees).
 This module knows two things: how many bytes each format stores (`QuantizationScheme.linear_bytes`,
 which the placement planner sizes devices with), and how to swap an `nn.Linear` for its quantized
 form while the checkpoint loads (`QuantizingLoader`), one linear at a time so that the full-precision
-model never has to fit anywhere. bitsandbytes is an optional extra (`pip install 'nvlm-langchain[quant]'`)
+model never has to fit anywhere. Under tensor parallelism each rank quantizes its own shard of each
+linear the same way (`tensor_parallel.fill_shards`, see "Shards" there). bitsandbytes is an optional extra (`pip install 'nvlm-langchain[quant]'`)
 and is imported only when a bitsandbytes scheme is asked for.
 """
 
@@ -19,7 +20,7 @@ import importlib.util
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,9 @@ NF4_BLOCK = 64  # bitsandbytes' default 4-bit block size (CUDA)
 NF4_NESTED_BLOCK = 256  # block size of the double-quantized absmax statistics
 BNB_INT8_THRESHOLD = 6.0  # LLM.int8() outlier threshold, transformers' default
 BNB_CPU_VERSION = (0, 50)  # the oldest bitsandbytes whose CPU 8-bit and NF4 linears were run here
+# bitsandbytes' CPU NF4 kernel (on AVX512-BF16 CPUs) repacks a weight's output rows in blocks of 32
+# at its first call, and asserts on any other count (`functional._convert_weight_packed_for_cpu`).
+NF4_CPU_ROWS = 32
 
 
 class QuantizationError(NVLMError):
@@ -148,6 +152,27 @@ def check_runtime(scheme: QuantizationScheme, devices: Iterable[torch.device]) -
                 f"quantization={scheme.name!r} needs CUDA compute capability {_version(scheme.min_capability)}+{hint}; "
                 f"{device} ({torch.cuda.get_device_name(device)}) has {capability[0]}.{capability[1]}."
             )
+
+
+def check_linear_shapes(scheme: QuantizationScheme, shapes: Mapping[str, Sequence[int]],
+                        devices: Iterable[torch.device]) -> None:
+    """Raise `QuantizationError` for decoder linear weights (`shapes`: name -> [out, in], as each
+    device holds it, e.g. a tensor-parallel shard) that `scheme`'s kernels cannot run on `devices`.
+
+    The one such limit known here: bnb-4bit on the CPU needs output rows in multiples of
+    `NF4_CPU_ROWS` (NVLM-D-72B's smallest shard, k_proj at tensor_parallel=8, has 128). CUDA
+    kernels and bnb-8bit take any shape; FP8's `torch._scaled_mm` needs multiples of 16, which
+    every shard of NVLM-D-72B is.
+    """
+    if scheme.name != "bnb-4bit" or not any(d.type == "cpu" for d in devices):
+        return
+    bad = [f"{name} {list(shape)}" for name, shape in shapes.items()
+           if is_quantized_weight(name) and shape[0] % NF4_CPU_ROWS]
+    if bad:
+        raise QuantizationError(
+            f"quantization='bnb-4bit' on the CPU needs every decoder linear's output rows in multiples of "
+            f"{NF4_CPU_ROWS} (bitsandbytes' CPU NF4 kernel packs them so); {len(bad)} are not, e.g. "
+            f"{', '.join(bad[:3])}. Use a smaller tensor_parallel, 'bnb-8bit', or GPUs.")
 
 
 def _check_bitsandbytes(scheme: QuantizationScheme, devices: list[torch.device]) -> None:
@@ -321,12 +346,25 @@ class QuantizingLoader:
     def quantize_loaded(self) -> None:
         """Replace every pending linear whose tensors have all been loaded."""
         for name in [n for n in self.pending if _loaded(self.model.get_submodule(n))]:
-            parent_name, _, child = name.rpartition(".")
-            linear = self.model.get_submodule(name)
-            assert isinstance(linear, nn.Linear), (name, type(linear))
-            replacement = quantize_linear(linear, self.scheme, self.pending.pop(name), self.dtype)
-            setattr(self.model.get_submodule(parent_name), child, replacement)
-            self.quantized += 1
+            self._replace(name)
+
+    def quantize_if_loaded(self, tensor_name: str) -> None:
+        """Replace the linear `tensor_name` belongs to if this was its last tensor to load.
+
+        What a loader reading one tensor at a time calls after each (the tensor-parallel shard
+        reader): a linear is then held in full precision only until its weight and bias are in.
+        """
+        name = tensor_name.rpartition(".")[0]
+        if name in self.pending and _loaded(self.model.get_submodule(name)):
+            self._replace(name)
+
+    def _replace(self, name: str) -> None:
+        parent_name, _, child = name.rpartition(".")
+        linear = self.model.get_submodule(name)
+        assert isinstance(linear, nn.Linear), (name, type(linear))
+        replacement = quantize_linear(linear, self.scheme, self.pending.pop(name), self.dtype)
+        setattr(self.model.get_submodule(parent_name), child, replacement)
+        self.quantized += 1
 
     def finish(self) -> None:
         self.quantize_loaded()
@@ -346,6 +384,28 @@ def quantize_model(model: nn.Module, scheme: QuantizationScheme, dtype: torch.dt
     return loader.quantized
 
 
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """Bytes `tensor` holds in memory, a bitsandbytes weight's quantization statistics included.
+
+    bitsandbytes keeps them outside the module's parameters and buffers: LLM.int8()'s per-row
+    absmax on the weight (`Int8Params.SCB`), NF4's block absmax, its nested statistics and the
+    code tables in `Params4bit.quant_state`. `QuantizationScheme.linear_bytes` counts the same.
+    FP8's row scales are a buffer of their own (`Fp8Linear.weight_scale`).
+    """
+    total = tensor.numel() * tensor.element_size()
+    scb = getattr(tensor, "SCB", None)
+    if isinstance(scb, torch.Tensor):
+        total += scb.numel() * scb.element_size()
+    state = getattr(tensor, "quant_state", None)
+    if state is not None:
+        parts = [state.absmax, state.code]
+        if state.nested:
+            parts += [state.state2.absmax, state.state2.code]
+            total += 4  # the fp32 offset of the nested absmax
+        total += sum(t.numel() * t.element_size() for t in parts)
+    return total
+
+
 def _loaded(linear: nn.Module) -> bool:
     return all(t.device.type != "meta" for t in linear.parameters(recurse=False))
 
@@ -356,10 +416,12 @@ __all__ = [
     "QuantizationError",
     "QuantizationScheme",
     "QuantizingLoader",
+    "check_linear_shapes",
     "check_runtime",
     "get_scheme",
     "is_quantized_module",
     "is_quantized_weight",
     "quantize_linear",
     "quantize_model",
+    "stored_bytes",
 ]

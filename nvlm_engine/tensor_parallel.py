@@ -23,7 +23,20 @@ sampling (penalties, grammars, top-p over the whole vocabulary) stays where it i
 Every rank builds its model on `meta` with the shard shapes (a Qwen2 config with heads / tp,
 KV heads / tp, intermediate / tp and an explicit `head_dim`) and reads only its slice of each
 tensor (`safe_open(...).get_slice(name)[...]`), and the whole vision tower and projector: peak
-host memory per rank is what it holds plus one tensor. Knows checkpoints and module names; knows nothing of processes or requests.
+host memory per rank is what it holds plus one tensor.
+
+Shards, quantized (`quantization=` "bnb-8bit", "bnb-4bit", or "fp8" on CUDA 8.9+): each rank
+quantizes its own shard of each of the seven decoder linears as soon as the shard's weight (and
+bias) are read (`quantization.QuantizingLoader.quantize_if_loaded`), with the kernels of the
+one-process engine (`Linear8bitLt`, `Linear4bit`, `Fp8Linear`) applied to a smaller matrix, so
+one linear at a time is held in full precision. A column-parallel shard holds whole output rows:
+its LLM.int8() and FP8 row scales are the whole matrix's, and its NF4 blocks too wherever a
+shard's size is a multiple of the 64-value block. A row-parallel shard (`o_proj`, `down_proj`)
+holds part of every row, so its row scales are the absmax over the shard's columns only, and
+its NF4 blocks (and their double-quantized statistics) are formed over the shard: a different
+rounding from quantizing the whole matrix, not a coarser one (a scale over fewer values is never
+larger). Quantized logits at tp > 1 are therefore close to, not equal to, those of one process.
+Knows checkpoints and module names; knows nothing of processes or requests.
 """
 
 from __future__ import annotations
@@ -39,6 +52,7 @@ from torch import nn
 from .checkpoint import TensorInfo
 from .config import LLMConfig, NVLMConfig
 from .errors import CheckpointError, TensorParallelOptionsError
+from .quantization import QuantizationScheme, QuantizingLoader, stored_bytes
 
 LAYER_PREFIX = "language_model.model.layers."
 VISION_PREFIXES = ("vision_model.", "mlp1.")  # held whole by every rank
@@ -154,14 +168,18 @@ class WorkerModel(nn.Module):
 
 
 def fill_shards(model: nn.Module, infos: Mapping[str, TensorInfo], *, rank: int, tp: int, device: torch.device,
-                dtype: torch.dtype, check: Callable[[], None] | None = None) -> None:
+                dtype: torch.dtype, check: Callable[[], None] | None = None,
+                quantization: QuantizationScheme | None = None) -> None:
     """Read rank `rank`'s slice of every decoder-layer tensor in `infos` into `model` (on `meta`).
 
     One shard file open at a time, one tensor slice in memory at a time beyond the model.
-    `check` is called before each tensor (rank 0 raises there when a worker has died).
+    `check` is called before each tensor (rank 0 raises there when a worker has died). With
+    `quantization`, each decoder linear's shard is quantized on `device` once its weight and bias
+    are read (bitsandbytes: staged on the CPU first, as in one process); see "Shards, quantized".
     """
     from safetensors import SafetensorError, safe_open
 
+    loader = QuantizingLoader(model, quantization, lambda _: device, dtype) if quantization else None
     by_file: dict[Path, list[str]] = {}
     for name, info in infos.items():
         by_file.setdefault(info.shard, []).append(name)
@@ -177,11 +195,16 @@ def fill_shards(model: nn.Module, infos: Mapping[str, TensorInfo], *, rank: int,
                         check()
                     piece = _slice(f.get_slice(name), split_dim(name), rank, tp)
                     target = dtype if piece.is_floating_point() else piece.dtype
+                    place = loader.device_of(name) if loader else device
                     # A copy: no view of the file's memory map outlives the read.
-                    _set_tensor(model, name, piece.to(device=device, dtype=target, copy=True).contiguous())
+                    _set_tensor(model, name, piece.to(device=place, dtype=target, copy=True).contiguous())
                     del piece
+                    if loader is not None:
+                        loader.quantize_if_loaded(name)
         except SafetensorError as e:
             raise CheckpointError(f"Reading {path.name} failed ({e}); re-download it and check its sha256.") from e
+    if loader is not None:
+        loader.finish()
 
 
 def _slice(piece: Any, dim: int | None, rank: int, tp: int) -> torch.Tensor:
@@ -233,8 +256,12 @@ def tile_counts(tiles: int, tp: int) -> list[int]:
 
 
 def tensor_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes each parameter and buffer of `model` holds in memory, by name (what a rank resides)."""
-    return {n: t.numel() * t.element_size() for n, t in [*model.named_parameters(), *model.named_buffers()]
+    """Bytes each parameter and buffer of `model` holds in memory, by name (what a rank resides).
+
+    A bitsandbytes weight counts its quantization statistics too (`quantization.stored_bytes`),
+    so a quantized weight's entry equals the planner's `Footprint.tensor_size` of its shard.
+    """
+    return {n: stored_bytes(t) for n, t in [*model.named_parameters(), *model.named_buffers()]
             if t.device.type != "meta"}
 
 

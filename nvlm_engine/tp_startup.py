@@ -9,7 +9,8 @@
    On the CPU nothing is planned (its memory is the operating system's business), as before;
 2. `tp - 1` worker processes start (`tp_worker.py`, torch.multiprocessing "spawn") while rank 0
    loads its own model (its shard of every decoder layer; the vision tower, projector,
-   embeddings, final norm and LM head whole);
+   embeddings, final norm and LM head whole); with `quantization`, every rank quantizes its
+   shard of each decoder linear as it reads it (`tensor_parallel.fill_shards`);
 3. rank 0 waits for every worker's "loaded", then joins them in the engine's own process group
    (`tp_worker.Group`: gloo on the CPU, NCCL on CUDA, one GPU per rank).
 
@@ -46,6 +47,7 @@ from .devices import resolve_dtype
 from .errors import TensorParallelError
 from .placement_plan import DeviceSpec
 from .placement_sizes import Footprint
+from .quantization import QuantizationScheme
 from .tensor_parallel import (
     build_rank0_model,
     check_tp_size,
@@ -68,7 +70,7 @@ def rank_kv_tokens(footprint: Footprint, gpus: Sequence[DeviceSpec] | None, *, c
     """KV cache tokens (all sequences together) to size every rank's cache for; None: not bounded (CPU).
 
     Args:
-        footprint: tensor sizes in the compute dtype.
+        footprint: tensor sizes in the compute dtype (and quantization: shards are sized as stored).
         gpus: one spec per rank, rank 0 first, at the memory each may use; None or [] on the CPU.
         context_length, batch_size: what must fit (one sequence of `context_length` per batch row).
 
@@ -103,8 +105,11 @@ def rank_gpu_specs(devices: Sequence[torch.device], local: Sequence[DeviceSpec])
 
 def load_tensor_parallel(folder: Path, config: NVLMConfig, infos: Mapping[str, TensorInfo], *, tp: int,
                          device_map: Any, dtype: str | torch.dtype | None, context_length: int,
+                         quantization: QuantizationScheme | None = None,
                          timeout_s: float = TIMEOUT_S) -> torch.nn.Module:
     """Start the workers, load rank 0's model, join the group; returns rank 0's model, linked.
+
+    `quantization` is checked against the ranks' devices by the caller (`quantization.check_runtime`).
 
     Raises:
         TensorParallelOptionsError: a size or device map tensor parallelism cannot use.
@@ -127,7 +132,8 @@ def load_tensor_parallel(folder: Path, config: NVLMConfig, infos: Mapping[str, T
             ours, theirs = context.Pipe(duplex=True)
             spec = WorkerSpec(rank=rank, tp=tp, port=store.port, backend=backend, device=str(devices[rank]),
                               dtype=compute_dtype, config=config, context_length=context_length, infos=worker_infos,
-                              timeout_s=timeout_s, threads=threads, parent_pid=os.getpid())
+                              timeout_s=timeout_s, threads=threads, parent_pid=os.getpid(),
+                              quantization=quantization)
             process = context.Process(target=worker_main, args=(spec, theirs), daemon=True,
                                       name=f"nvlm-tp-rank{rank}")
             process.start()
@@ -136,7 +142,7 @@ def load_tensor_parallel(folder: Path, config: NVLMConfig, infos: Mapping[str, T
         watch = _StartWatch(workers)
         torch.set_num_threads(threads)
         model = _load_rank0(config, infos, layers, tp=tp, device=devices[0], dtype=compute_dtype,
-                            context_length=context_length, check=watch.check)
+                            context_length=context_length, check=watch.check, quantization=quantization)
         watch.wait_loaded()
         group = watch.join(lambda: Group(backend, store.port, 0, tp, timeout_s, store=store))
     except BaseException:
@@ -146,14 +152,16 @@ def load_tensor_parallel(folder: Path, config: NVLMConfig, infos: Mapping[str, T
     link = TensorParallelLink(workers, tp=tp, group=group, threads_before=threads_before)
     model.tp_link = link
     model.tp_reduce = group.all_reduce
-    logger.info("tensor parallel x%d (%s) on %s: workers %s", tp, backend, [str(d) for d in devices], link.worker_pids)
+    logger.info("tensor parallel x%d (%s) on %s: workers %s%s", tp, backend, [str(d) for d in devices],
+                link.worker_pids, f"; {quantization.name} decoder-linear shards" if quantization else "")
     return model
 
 
 def _load_rank0(config: NVLMConfig, infos: Mapping[str, TensorInfo], layers: Mapping[str, TensorInfo], *, tp: int,
                 device: torch.device, dtype: torch.dtype, context_length: int,
-                check: Callable[[], None]) -> torch.nn.Module:
-    """Rank 0's model: everything but the decoder layers whole, its slice of every layer tensor."""
+                check: Callable[[], None], quantization: QuantizationScheme | None) -> torch.nn.Module:
+    """Rank 0's model: everything but the decoder layers whole, its slice of every layer tensor
+    (its decoder-linear shards quantized with `quantization`)."""
     model = build_rank0_model(config, context_length, tp)
     head = "language_model.lm_head.weight"
     # CPU GEMM kernels read a column-major LM head faster at small batches (as `loading.py` does).
@@ -161,7 +169,7 @@ def _load_rank0(config: NVLMConfig, infos: Mapping[str, TensorInfo], layers: Map
     rest = {n: i for n, i in infos.items() if n not in layers}
     fill_model(model, rest, device_of=lambda _: device, dtype=dtype, column_major=column_major,
                progress=lambda *_: check())
-    fill_shards(model, layers, rank=0, tp=tp, device=device, dtype=dtype, check=check)
+    fill_shards(model, layers, rank=0, tp=tp, device=device, dtype=dtype, check=check, quantization=quantization)
     rebuild_rotary(model, device)
     leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     assert not leftovers, f"tensors left on meta after loading: {leftovers[:5]}"

@@ -1,8 +1,9 @@
 """A tensor-parallel worker rank: its process, its shard of the decoder layers, its mirror of the KV caches.
 
 Rank 0 (the engine's process, `tp_startup.py`) starts one such process per other rank. The
-worker reads its slice of every decoder-layer tensor (`tensor_parallel.fill_shards`) and the
-whole vision tower and projector, reports "loaded" through its pipe, joins the process group,
+worker reads its slice of every decoder-layer tensor (`tensor_parallel.fill_shards`, quantizing
+its shard of each decoder linear as it is read when the engine is quantized) and the whole
+vision tower and projector, reports "loaded" through its pipe, joins the process group,
 and then serves `Command`s from the pipe in order, forever:
 
 - `new_cache` / `ensure` / `copy_prefix`: the same operation on its own `KVCache` of that core
@@ -14,7 +15,8 @@ and then serves `Command`s from the pipe in order, forever:
 - `encode`: receive a request's image tiles by broadcast, encode this rank's contiguous slice
   (`tensor_parallel.tile_counts`) with its own copy of the vision tower and projector, and send
   the image tokens to rank 0 by gather (padded to the largest slice, trimmed by rank 0);
-- `stats`: reply with the bytes of every tensor it holds (what tests measure);
+- `stats`: reply with the bytes of every tensor it holds and the class of each decoder linear
+  (what tests measure);
 - `stop`: leave the process group and exit.
 
 Commands come by pipe, not by collective: an idle worker blocks on the pipe with no timeout,
@@ -46,6 +48,7 @@ import torch.distributed as dist
 
 from .checkpoint import TensorInfo
 from .config import NVLMConfig
+from .quantization import QuantizationScheme, is_quantized_module
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class WorkerSpec:
     timeout_s: float
     threads: int
     parent_pid: int
+    quantization: QuantizationScheme | None = None  # of this rank's decoder-linear shards
 
 
 logger = logging.getLogger(__name__)
@@ -181,7 +185,8 @@ def _load(spec: WorkerSpec) -> torch.nn.Module:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     model = WorkerModel(spec.config, spec.context_length, spec.tp)
-    fill_shards(model, layer_infos(spec.infos), rank=spec.rank, tp=spec.tp, device=device, dtype=spec.dtype)
+    fill_shards(model, layer_infos(spec.infos), rank=spec.rank, tp=spec.tp, device=device, dtype=spec.dtype,
+                quantization=spec.quantization)
     fill_model(model, vision_infos(spec.infos), device_of=lambda _: device, dtype=spec.dtype)
     rebuild_rotary(model, device)
     model.vision_model.drop_dummy_heads()  # as rank 0's `prepare_for_inference` does, from the same tensors
@@ -235,7 +240,8 @@ def _serve(spec: WorkerSpec, model: torch.nn.Module, conn: Connection, group: Gr
             group.gather(padded_tokens(tokens, max(counts), spec.config, spec.dtype, device))
         elif op == "stats":
             conn.send({"weights": tensor_bytes(model), "kv": {c: kv.nbytes for c, kv in caches.items()},
-                       "kv_heads": {c: kv.kv_heads for c, kv in caches.items()}})
+                       "kv_heads": {c: kv.kv_heads for c, kv in caches.items()},
+                       "linears": {n: type(m).__name__ for n, m in model.named_modules() if is_quantized_module(n)}})
         else:
             raise AssertionError(f"unknown command {op!r}")
 

@@ -334,13 +334,16 @@ def test_running_rows_get_a_token_every_step_while_a_long_prompt_prefills(base: 
     assert row in core.running.values()
     outcome.take(core.admit([(1, newcomer)]))
     prefill_steps = 0
-    while _row_of(core, newcomer) in core.prefilling:
+    while _row_of(core, newcomer) in (*core.waiting, *core.prefilling):  # waiting: the cache grows meanwhile
         before = len(row.generated)
+        prefilling = _row_of(core, newcomer) in core.prefilling
         passes.clear()
         outcome.take(core.step())
         assert len(row.generated) == before + 1  # the running row got its token in this step
-        assert len(passes) == 1 and passes[0][0] >= 1 and passes[0][1] > 0, passes  # one pass: the row and a chunk
-        prefill_steps += 1
+        assert len(passes) == 1 and passes[0][0] >= 1, passes  # one pass
+        if prefilling:
+            assert passes[0][1] > 0, passes  # ...with the row and a chunk
+            prefill_steps += 1
     assert prefill_steps >= (len(newcomer.prompt_ids) - 64) // 64
     assert len(_row_of(core, newcomer).generated) == 1  # sampled in the step its prefill ended
     _drive(core, outcome)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from nvlm_engine.sampling import make_options
 
 def _cache() -> KVCache:
     kv = KVCache([torch.device("cpu")] * 2, kv_heads=2, head_dim=4, dtype=torch.float32, max_capacity=4096)
+    kv.background_bytes = 0  # tiny tensors: in the background all the same
     kv.ensure(2, 100)
     for t in (*kv.keys, *kv.values):
         t[:2, :, :100] = torch.randn(2, 2, 100, 4)
@@ -87,6 +89,7 @@ def test_a_long_newcomer_never_resizes_the_cache_on_the_decoding_thread(engine: 
         return zeros(self, *args)
 
     monkeypatch.setattr(KVCache, "_zeros", recorded)
+    core.kv.background_bytes = 0  # the tiny model's cache: in the background all the same
     deltas = core.admit([(0, running)])
     while not core.running:
         deltas += core.step()
@@ -107,3 +110,35 @@ def test_a_long_newcomer_never_resizes_the_cache_on_the_decoding_thread(engine: 
         solo = NVLMEngine(engine.model, engine.tokenizer, context_length=engine.context_length).run(
             [PreparedRequest(prompt_ids=request.prompt_ids, pixel_values=None, options=request.options)])[0]
         assert results[index].token_ids == solo.token_ids
+
+
+def test_a_resize_without_room_for_both_goes_layer_by_layer() -> None:
+    """Old and new tensors together would pass the budget: no background allocation, and each old
+    tensor is freed as its copy is made (the new size plus one layer at most, never old + new)."""
+    layers = 4
+    kv = KVCache([torch.device("cpu")] * layers, kv_heads=1, head_dim=4, dtype=torch.float32, max_capacity=4096,
+                 max_tokens=2 * 1024 + 256)
+    kv.background_bytes = 0
+    kv.ensure(1, 100)  # 2 x 256 tokens
+    old = [weakref.ref(t) for t in (*kv.keys, *kv.values)]
+    still_old: list[int] = []
+    zeros = kv._zeros
+
+    def counted(*args):
+        still_old.append(sum(ref() is not None for ref in old))
+        return zeros(*args)
+
+    kv._zeros = counted
+    kv.ensure(1, 1000, background=True)  # 2 x 1024 new + 2 x 256 old > 2 x 1024 + 256: done now, not raised
+    assert kv.capacity == 1024
+    assert still_old == list(range(2 * layers, 0, -1))  # one old tensor less at every new one
+
+
+def test_a_small_resize_is_made_at_once() -> None:
+    kv = KVCache([torch.device("cpu")] * 2, kv_heads=2, head_dim=4, dtype=torch.float32, max_capacity=4096)
+    kv.ensure(2, 100)
+    kv.ensure(2, 1000, background=True)  # 3 x 1024 x 2 x 2 x 4 x 4 bytes x 2 layers: far below the threshold
+    assert kv.capacity == 1024
+    kv.background_bytes = kv.nbytes  # now the next doubling is big enough to go to the background
+    with pytest.raises(KVCacheGrowing):
+        kv.ensure(2, 2000, background=True)

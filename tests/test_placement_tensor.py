@@ -127,7 +127,6 @@ def test_quantized_rank_shares(footprint: Footprint, index: dict, scheme: str) -
     plan = plan_tensor_parallel(footprint.resized(quantization=scheme), gpus, context_length=CONTEXT)
     assert plan.layer_share_bytes == index_share(index, 4, quantized_linear=True)
     assert plan.ranks[0].weight_bytes == plan.layer_share_bytes + PINNED_BF16
-    assert not plan.engine_supports  # sized, but the engine refuses quantization with tensor_parallel
 
 
 def test_memory_budgets_and_kv_room_are_honoured(footprint: Footprint) -> None:
@@ -254,26 +253,39 @@ def test_cli_tensor_split_that_does_not_fit_exits_5_with_the_layer_split(real_72
     assert f"  nvlm-chat -m {m}  # the layer split fits these GPUs" in output
 
 
-def test_quantization_with_tensor_parallel_is_not_yet_supported(real_72b: Path) -> None:
-    code, output = run(str(real_72b), "--gpus", "4xH100", "-q", "bnb-8bit")
+def test_quantization_with_tensor_parallel_is_advised_when_faster(real_72b: Path) -> None:
+    """Every rank quantizes its own shards (tests/test_tensor_parallel_quantized.py), so the planner
+    advises the quantized tensor split like the unquantized one, sized as the shards are stored."""
+    code, output = run(str(real_72b), "--gpus", "2xH200", "-q", "bnb-8bit")
     assert code == 0, output
-    assert "not yet supported" in output
-    assert not [line for line in output.splitlines() if "--tensor-parallel 4" in line and "nvlm-chat" in line]
-    assert f"Run it: nvlm-chat -m {real_72b} --quantization bnb-8bit  #" in output
+    assert "not yet supported" not in output.lower()
+    assert (f"Run it: nvlm-chat -m {real_72b} --tensor-parallel 2 --quantization bnb-8bit  # the tensor split, "
+            "faster") in output
+    assert f"Or the layer split above: nvlm-chat -m {real_72b} --quantization bnb-8bit" in output
+    assert "Tensor split (--tensor-parallel 2): fits, 32.7 GiB of the decoder layers per rank" in output
     code, output = run(str(real_72b), "--gpus", "4xH100", "-q", "bnb-8bit", "-t", "4")
     assert code == 0, output
-    assert "Not yet supported: the engine refuses --quantization with --tensor-parallel" in output
-    assert "nvlm-chat" not in output and "Run it:" not in output
-    with pytest.raises(AssertionError):
-        run_command(Asked(model="m", quantization="fp8"), tensor_parallel=2)
+    assert f"Run it: nvlm-chat -m {real_72b} --tensor-parallel 4 --quantization bnb-8bit  #" in output
+    assert run_command(Asked(model="m", quantization="fp8"), tensor_parallel=2) == (
+        "nvlm-chat -m m --tensor-parallel 2 --quantization fp8")
 
 
-def test_the_engine_still_refuses_quantization_with_tensor_parallel(tiny_checkpoint: Path) -> None:
-    """What `ENGINE_TP_REFUSES_QUANTIZATION` claims: when the engine accepts the pair, update the planner."""
-    from nvlm_engine import NVLMEngine
+def test_the_engine_accepts_quantization_with_tensor_parallel(tiny_checkpoint: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the planner's advice relies on: `from_pretrained` passes the pair on to the ranks' loader
+    (stopped there: loading the ranks is tests/test_tensor_parallel_quantized.py's)."""
+    from nvlm_engine import NVLMEngine, tp_startup
 
-    with pytest.raises(TensorParallelOptionsError, match="quantization"):
+    seen = {}
+
+    def stop(*args: object, **kwargs: object) -> None:
+        seen.update(kwargs)
+        raise RuntimeError("stopped before starting the ranks")
+
+    monkeypatch.setattr(tp_startup, "load_tensor_parallel", stop)
+    with pytest.raises(RuntimeError, match="stopped"):
         NVLMEngine.from_pretrained(tiny_checkpoint, tensor_parallel=2, quantization="bnb-8bit", device_map="cpu")
+    assert seen["tp"] == 2 and seen["quantization"].name == "bnb-8bit"
 
 
 def test_every_named_gpu_has_a_bandwidth() -> None:

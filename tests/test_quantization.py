@@ -24,7 +24,6 @@ from torch import nn
 from nvlm_engine import NVLMEngine, quantization
 from nvlm_engine.checkpoint import check_tensors, fill_model, find_weight_files, infer_dummy_heads, read_tensor_infos
 from nvlm_engine.config import NVLMConfig
-from nvlm_engine.reference_decode import decode_one, prefill
 from nvlm_engine.model import NVLMModel
 from nvlm_engine.placement import Footprint, layer_unit
 from nvlm_engine.quantization import (
@@ -38,6 +37,7 @@ from nvlm_engine.quantization import (
     is_quantized_weight,
     quantize_model,
 )
+from nvlm_engine.reference_decode import decode_one, prefill
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on machines without CUDA")
 needs_bnb = pytest.mark.skipif(

@@ -252,7 +252,6 @@ def test_sizes_that_do_not_divide_are_refused(checkpoint: Path, size: int) -> No
 
 
 @pytest.mark.parametrize("options", [{"device_map": {"": "cpu"}}, {"device_map": "card"}, {"vision_replicas": True},
-                                     {"quantization": "bnb-8bit"},
                                      {"max_memory": {"cpu": "8GiB"}}, {"decoding": DecodeSettings(compile=True)}])
 def test_unsupported_combinations_are_refused(checkpoint: Path, options: dict) -> None:
     before = set(multiprocessing.active_children())
