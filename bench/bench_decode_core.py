@@ -62,8 +62,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nvlm_engine import NVLMEngine
 from nvlm_engine.chunk_budget import ALLOWANCE, ChunkBudget
 from nvlm_engine.cores import DecodeSettings
+from nvlm_engine.decode_requests import decode_requests
 from nvlm_engine.decoder import decode_step
-from nvlm_engine.generation import DecodeCore, PreparedRequest, TokenIds, decode_requests
+from nvlm_engine.generation import DecodeCore, PreparedRequest, TokenIds
 from nvlm_engine.image_cache import ImageEmbeddingCache
 from nvlm_engine.reference_decode import LLMStep, decode_one, prefill
 from nvlm_engine.sampling import make_options, sample_token

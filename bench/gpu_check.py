@@ -481,9 +481,10 @@ def check_mixed(run: Run, record: dict) -> None:
         figures["decode_only"] = decode
         for size in shape.mixed_chunks:
             embeds = torch.randn(1, size, table.embedding_dim, dtype=table.weight.dtype, device=table.weight.device)
-            alone = time_loop(lambda: prefill_chunk(model, kv, spare, embeds, 0), shape.steps, device)
-            mixed = time_loop(lambda: mixed_step(model, kv, tokens, positions, slots, context + 1,
-                                                 (Chunk(spare, 0, size),), embeds, (0,)), shape.steps, device)
+            chunk = (Chunk(spare, 0, size),)
+            alone = time_loop(partial(prefill_chunk, model, kv, spare, embeds, 0), shape.steps, device)
+            mixed = time_loop(partial(mixed_step, model, kv, tokens, positions, slots, context + 1, chunk, embeds, (0,)),
+                              shape.steps, device)
             key = "event_ms" if mixed["event_ms"] is not None else "wall_ms"
             figures[f"chunk_{size}"] = {"alone": alone, "mixed": mixed,
                                         "mixed_vs_decode": round(mixed[key] / decode[key], 3),
@@ -500,7 +501,7 @@ def seven_tiles(run: Run):
 
 
 def first_token_s(run: Run, core, request) -> tuple[float, list[int]]:
-    from nvlm_engine.generation import decode_requests
+    from nvlm_engine.decode_requests import decode_requests
 
     sync(run.shape.device)
     start = time.perf_counter()

@@ -2,7 +2,7 @@
 
 The public face of the package. It owns the model, tokenizer and prompt builder, and turns
 chat messages into prepared requests (images loaded and tiled, prompt ids spliced, context
-checked) before any model compute; `generation.decode_requests` does the rest.
+checked) before any model compute; `decode_requests.decode_requests` does the rest.
 
 Messages are `{"role": "system" | "user" | "assistant", "content": str | list[part]}` with parts
 `{"type": "text", "text": ...}` and `{"type": "image", "image": <path | bytes | base64 | data URL |
@@ -24,9 +24,10 @@ import torch
 
 from .config import NVLMConfig
 from .cores import CorePool, DecodeSettings
+from .decode_requests import decode_requests
 from .devices import DeviceMapLike
 from .errors import ContextLengthError
-from .generation import DecodeCore, Delta, GenerationResult, PreparedRequest, TokenIds, decode_requests
+from .generation import DecodeCore, Delta, GenerationResult, PreparedRequest, TokenIds
 from .image_cache import image_key
 from .images import load_image
 from .load_progress import LoadProgress

@@ -34,7 +34,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -44,7 +43,6 @@ from .batch_sampling import BatchSampler
 from .chunk_budget import ChunkBudget
 from .decode_rows import Row, failed_delta, record_token
 from .decoder import Chunk, decode_step, mixed_step
-from .errors import RequestFailedError
 from .generation_records import (  # noqa: F401 (re-exported: the public names of generation)
     Delta,
     GenerationResult,
@@ -260,6 +258,8 @@ class DecodeCore:
         except Exception:
             if not chunks:
                 raise  # the running rows' step itself: not one request's fault
+            logger.warning("a step with %d prompt chunk(s) failed; retrying its parts apart", len(chunks),
+                           exc_info=True)
         deltas: list[Delta] = []
         self._run([])
         for row, chunk in chunks:
@@ -427,38 +427,3 @@ def _bucket(n: int, least: int) -> int:
     while size < n:
         size *= 2
     return size
-
-
-def decode_requests(core: DecodeCore, requests: list[PreparedRequest]) -> Iterator[Delta]:
-    """Generate every request to its end on `core`, yielding text deltas as they are ready.
-
-    Each request ends on `<|im_end|>` or one of its stop token ids / stop strings ("stop"),
-    after its `max_new_tokens` ("length"), or when its `cancel` event is set ("cancelled").
-    Exactly one final `Delta` is yielded per request, with `result` set, or with `error` set
-    when that request failed; `Delta.index` is the request's position in `requests`.
-
-    Raises:
-        RequestFailedError: the first request's failure, once every other request has ended,
-            so callers that expect one result per request never see one missing.
-    """
-    failure: RequestFailedError | None = None
-    pending = len(requests)
-    done = core.admit(list(enumerate(requests)))
-    try:
-        while True:
-            for delta in done:
-                if delta.result is not None or delta.error is not None:
-                    pending -= 1
-                failure = failure or delta.error
-                yield delta
-            if not pending:
-                break
-            done = core.step()
-    finally:
-        if pending:  # the consumer left early: end our requests, keep the core usable
-            for request in requests:
-                request.cancel.set()
-            while core.busy:
-                core.step()
-    if failure is not None:
-        raise failure
