@@ -46,14 +46,14 @@ class ChunkBudget:
         """The prefill budget of the next step, which decodes `rows` running rows."""
         if rows == 0 or self.allowance == float("inf"):
             return self.max_tokens
-        if self.line() is None:  # steps of one size say nothing of the slope: every other one is a bit larger
+        line = self.line()
+        if line is None:  # steps of one size say nothing of the slope: every other one is a bit larger
             probe, self._probe = self._probe, not self._probe
             return min(self._last + (MIN_CHUNK if probe else 0), self.max_tokens)
-        self._last = min(self._fitting(rows), 2 * self._last)  # grows by doubling at most: one noisy fit costs little
+        self._last = min(self._fitting(rows, *line), 2 * self._last)  # at most doubling: a noisy fit costs little
         return self._last
 
-    def _fitting(self, rows: int) -> int:
-        fixed, per_token = self.line()
+    def _fitting(self, rows: int, fixed: float, per_token: float) -> int:
         if per_token <= 0:
             return self.max_tokens  # bigger steps measured no slower: prefill rides along for free
         fitting = int(self.allowance * max(fixed + per_token * rows, 0.0) / per_token)
