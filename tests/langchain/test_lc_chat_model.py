@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import http.server
 import json
+import math
 import threading
 import warnings
 from pathlib import Path
@@ -26,6 +27,7 @@ from shared_paths import TOKEN_SCALE
 from typing_extensions import TypedDict
 
 from nvlm_engine import CheckpointError
+from nvlm_engine.chunk_budget import ChunkBudget
 from nvlm_engine.scheduler import Scheduler
 from nvlm_langchain import ChatNVLM
 from nvlm_langchain.engines import get_engine, loaded_specs
@@ -292,7 +294,10 @@ CONCURRENT = ["Hello", "Name three colours.", "Hey", "What is the capital of Fra
 
 def _gate_first_prefill(scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch, expected: int) -> None:
     """Holds the scheduler's first prefill until `expected` requests were submitted, so concurrent
-    callers deterministically overlap (the later ones then join the running batch)."""
+    callers deterministically overlap (the later ones then join the running batch). Prompts are
+    prefilled whole: the chunk budget follows measured step times, so a joiner's prompt could
+    otherwise take a few steps, by which time a short answer may have ended."""
+    monkeypatch.setattr(scheduler.core, "budget", ChunkBudget(scheduler.core.chunk_tokens, allowance=math.inf))
     submitted, everyone = [], threading.Event()
     submit, admit = scheduler.submit, scheduler.core.admit
 
