@@ -263,7 +263,7 @@ def build_engine(run: Run, record: dict) -> None:
 def make_core(run: Run, *, compile: bool = False, chunk_tokens: int = 512, prefix_caching: bool = True,
               image_cache=None, end: bool = True):
     """A decode core as `CorePool.new_core` makes it; smoke mode compiles with the eager backend."""
-    from nvlm_engine.decoder import decode_step
+    from nvlm_engine.decoder import decode_layers
     from nvlm_engine.generation import DecodeCore
 
     engine = run.shared["engine"]
@@ -272,7 +272,7 @@ def make_core(run: Run, *, compile: bool = False, chunk_tokens: int = 512, prefi
                       chunk_tokens=chunk_tokens, prefix_caching=prefix_caching, image_cache=image_cache,
                       compile=compile)
     if compile and run.shape.smoke:  # dynamo's tracing (fullgraph) without inductor's minutes of codegen
-        core._step = torch.compile(decode_step, fullgraph=True, dynamic=False, backend="eager")
+        core._step = torch.compile(decode_layers, fullgraph=True, dynamic=False, backend="eager")
     return core
 
 

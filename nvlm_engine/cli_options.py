@@ -10,6 +10,7 @@ memory flags here, once, with the names the Python API uses:
     --gpus 0,1                               only these GPUs (device_map=["cuda:0", "cuda:1"])
     --cpu-offload SIZE                       layers the GPUs cannot hold go to the CPU, up to SIZE
     --download / --revision REV              fetch a Hugging Face id that is not cached; pin a revision
+    --compile                                decoding=DecodeSettings(compile=True): compiled decode steps
 
 `QuietCommand` ends a command the same way everywhere: Ctrl-C at any moment exits 130 and
 a closed stdout (`| head`) exits 141, both without a traceback; other errors map to the one
@@ -47,7 +48,7 @@ CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_
 QUANTIZATIONS = ("bnb-8bit", "bnb-4bit", "fp8")
 """The schemes of `nvlm_engine.quantization.SCHEMES` (kept equal by a test; that module imports torch)."""
 PLACEMENT_PARAMS = ("quantization", "context_length", "max_batch", "max_memory", "gpus", "cpu_offload", "download",
-                    "revision", "tensor_parallel")
+                    "revision", "tensor_parallel", "compile")
 
 
 def version_option() -> Callable[[F], F]:
@@ -132,6 +133,9 @@ def placement_options(*, batch_aliases: Sequence[str] = (), batch_default_help: 
                      help="Split every decoder layer over N processes, one per GPU (cuda:0..N-1), or N CPU "
                           "processes with --device-map cpu; N divides the heads (1, 2, 4 or 8 for NVLM-D-72B). "
                           "Choose it on N equal GPUs joined by NVLink. [default: 1, layers split over the GPUs]"),
+        click.option("--compile", is_flag=True,
+                     help="Run decode steps through torch.compile, as CUDA graphs on a GPU; the first "
+                          "requests pay the compile time, about a minute. [default: eager]"),
         click.option("--download", is_flag=True,
                      help="Download a Hugging Face model id that is not in the local cache yet (safetensors, "
                           "configs and tokenizer files only)."),
@@ -160,10 +164,11 @@ class Placement:
     download: bool = False
     revision: str | None = None
     tensor_parallel: int = 1
+    compile: bool = False
 
     def arguments(self, device_map: str | list[str]) -> dict[str, Any]:
         """device_map, max_memory, context_length, batch_size, quantization, download, revision
-        (and tensor_parallel when above 1).
+        (and tensor_parallel when above 1, decoding=DecodeSettings(compile=True) with --compile).
 
         Raises:
             click.UsageError: --gpus together with a --device-map that also names devices, or
@@ -185,6 +190,10 @@ class Placement:
                      "quantization": self.quantization, "download": self.download, "revision": self.revision}
         if self.tensor_parallel > 1:  # only when asked: keeps the call the same for every other engine
             arguments["tensor_parallel"] = self.tensor_parallel
+        if self.compile:
+            from .cores import DecodeSettings  # imports torch: only with --compile
+
+            arguments["decoding"] = DecodeSettings(compile=True)
         return arguments
 
 

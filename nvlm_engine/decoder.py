@@ -22,8 +22,11 @@ fast (`_decode_attention`, `_chunk_attention`).
 
 `decode_step` (decode rows only) has static shapes for a given `(B, window)`: attention reads
 `cache[:B, :, :window]` as a view under a mask built on the device from the positions, so the
-step needs no host sync; `torch.compile(fullgraph=True)` compiles it once, and on CUDA it runs
-as a captured graph ("reduce-overhead"). Steps with chunks run eager.
+step needs no host sync. Its layers and logits (`decode_layers`) are what
+`torch.compile(fullgraph=True)` compiles once (on CUDA as a captured graph, "reduce-overhead"),
+with tensor parallelism too: the all-reduce is torch's functional collective. The embedding
+lookup and the hand-off to tensor-parallel workers run eager around it. Steps with chunks run
+eager.
 
 Only the logits of each decode row and of each chunk's last token that asks for them are
 computed. Hidden states move between devices when the layers are spread over several. Knows
@@ -38,7 +41,8 @@ time.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import NamedTuple
 
 import torch
@@ -81,20 +85,52 @@ def mixed_step(model: NVLMModel, kv: KVCache, tokens: torch.Tensor | None, posit
     hidden, flat_positions = _step_inputs(model, tokens, positions, chunks, embeds)
     rows = 0 if tokens is None else tokens.shape[0]
     slots = write_slots if write_slots is not None else flat_positions[:0]
-    link = getattr(model, "tp_link", None)
-    if link is None:
+    with _on_every_rank(model, kv, hidden, flat_positions, slots, window, chunks, compiled=False):
         hidden = step_hidden(model, kv, hidden, flat_positions, slots, window, chunks)
-    else:
-        with link.step(kv, hidden, flat_positions, slots, window, chunks):  # the workers run the same step
-            hidden = step_hidden(model, kv, hidden, flat_positions, slots, window, chunks)
     ends = [rows + sum(c.length for c in chunks[: i + 1]) - 1 for i in logits_of]
     return _logits(model, hidden, rows, ends)
 
 
 def decode_step(model: NVLMModel, kv: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
-                write_slots: torch.Tensor, window: int) -> torch.Tensor:
-    """One token per row for the first `B` slots; returns logits [B, V] (see `mixed_step`)."""
-    return mixed_step(model, kv, tokens, positions, write_slots, window)
+                write_slots: torch.Tensor, window: int, layers: DecodeLayers | None = None) -> torch.Tensor:
+    """One token per row for the first `B` slots; returns logits [B, V] (see `mixed_step`).
+
+    `layers`: what runs the layers and the logits, `decode_layers` (the default) or its compiled
+    form; the embedding lookup and the workers' hand-off run here, eager.
+    """
+    hidden, positions = _step_inputs(model, tokens, positions, (), None)
+    with _on_every_rank(model, kv, hidden, positions, write_slots, window, (), compiled=layers is not None):
+        return (layers or decode_layers)(model, kv, hidden, positions, write_slots, window)
+
+
+def decode_layers(model: NVLMModel, kv: KVCache, hidden: torch.Tensor, positions: torch.Tensor,
+                  write_slots: torch.Tensor, window: int) -> torch.Tensor:
+    """Every layer and the logits of a decode-only step: hidden [1, B, hidden] -> logits [B, V].
+
+    Static shapes for a given `(B, window)` and no host sync: the function `DecodeCore` compiles.
+    """
+    hidden = step_hidden(model, kv, hidden, positions, write_slots, window, ())
+    return _logits(model, hidden, write_slots.shape[0], [])
+
+
+def compile_decode(layers: Callable[..., torch.Tensor], device: torch.device) -> Callable[..., torch.Tensor]:
+    """`layers` (`decode_layers`, or a worker rank's `step_hidden`) through `torch.compile`:
+    whole (`fullgraph`, a graph break is an error), static shapes, a captured CUDA graph on CUDA."""
+    return torch.compile(layers, fullgraph=True, dynamic=False,
+                         mode="reduce-overhead" if device.type == "cuda" else None)
+
+
+DecodeLayers = Callable[[NVLMModel, KVCache, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def _on_every_rank(model: NVLMModel, kv: KVCache, hidden: torch.Tensor, positions: torch.Tensor,
+                   write_slots: torch.Tensor, window: int, chunks: tuple[Chunk, ...], *,
+                   compiled: bool) -> AbstractContextManager[None]:
+    """With tensor parallelism, start the workers on this step (rank 0 runs its layers inside the block)."""
+    link = getattr(model, "tp_link", None)
+    if link is None:
+        return nullcontext()
+    return link.step(kv, hidden, positions, write_slots, window, chunks, compiled=compiled)
 
 
 def prefill_chunk(model: NVLMModel, kv: KVCache, slot: int, embeds: torch.Tensor, start: int) -> torch.Tensor:

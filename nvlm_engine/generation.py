@@ -42,7 +42,7 @@ import torch
 from .batch_sampling import BatchSampler
 from .chunk_budget import ChunkBudget
 from .decode_rows import Row, failed_delta, record_token
-from .decoder import Chunk, decode_step, mixed_step
+from .decoder import Chunk, compile_decode, decode_layers, decode_step, mixed_step
 from .generation_records import (  # noqa: F401 (re-exported: the public names of generation)
     Delta,
     GenerationResult,
@@ -87,10 +87,10 @@ class DecodeCore:
         layers = lm.model.layers
         self.device = lm.lm_head.weight.device
         self.embed_device = lm.model.embed_tokens.weight.device
-        self._compile = compile
         self._cache_args: dict[str, Any] = {
             "kv_heads": lm.config.num_key_value_heads, "head_dim": layers[0].self_attn.head_dim,
-            "max_capacity": context_length, "max_tokens": kv_tokens, "max_slots": max_slots}
+            "max_capacity": context_length, "max_tokens": kv_tokens, "max_slots": max_slots,
+            "static_addresses": compile}
         self.kv = self._new_cache()
         self.sampler = BatchSampler(lm.lm_head.out_features, self.device, slots=1)
         self.prefix = PrefixIndex(enabled=prefix_caching)
@@ -103,8 +103,7 @@ class DecodeCore:
         self.running: dict[int, Row] = {}  # slot -> row, decoding
         self.ready: list[Row] = []  # rows with logits to sample from
         self.logits: torch.Tensor | None = None  # [B, V] of the last decode step (row i = slot i)
-        self._step = torch.compile(decode_step, fullgraph=True, dynamic=False,
-                                   mode="reduce-overhead" if self.device.type == "cuda" else None) if compile else None
+        self._step = compile_decode(decode_layers, self.device) if compile else None
         self.compiled = compile
 
     def _layer_devices(self) -> list[torch.device]:
@@ -113,10 +112,8 @@ class DecodeCore:
     def _new_cache(self) -> KVCache:
         link = getattr(self.model, "tp_link", None)  # tensor parallelism: the workers mirror every cache
         make = KVCache if link is None else link.new_cache
-        cache = make(self._layer_devices(), dtype=self.model.language_model.model.embed_tokens.weight.dtype,
-                     **self._cache_args)
-        cache.static_addresses = self._compile
-        return cache
+        return make(self._layer_devices(), dtype=self.model.language_model.model.embed_tokens.weight.dtype,
+                    **self._cache_args)
 
     def _follow_the_model(self) -> None:
         """Rebuild the (empty) cache if the model's layers moved since it was made (tests move them)."""
@@ -306,7 +303,7 @@ class DecodeCore:
             logits = mixed_step(self.model, self.kv, tokens, positions, writes, window,
                                 tuple(c for _, c in chunks), embeds, ends)
         else:
-            logits = (self._step or decode_step)(self.model, self.kv, tokens, positions, writes, window)
+            logits = decode_step(self.model, self.kv, tokens, positions, writes, window, self._step)
             if self._step is not None:
                 logits = logits.clone()  # a CUDA graph's output is overwritten by its next replay
         if running:

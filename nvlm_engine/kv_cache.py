@@ -82,10 +82,13 @@ class KVCache:
         max_capacity: tokens per sequence at most (the engine's context length).
         max_tokens: slots x capacity at most (None: no bound but `max_slots`).
         max_slots: sequences at most.
+        static_addresses: mark each new tensor as a static address for `torch.compile`, so CUDA
+            graphs read and write the cache in place (a core that compiles its decode step).
     """
 
     def __init__(self, layer_devices: Sequence[torch.device], *, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 max_capacity: int, max_tokens: int | None = None, max_slots: int = 64) -> None:
+                 max_capacity: int, max_tokens: int | None = None, max_slots: int = 64,
+                 static_addresses: bool = False) -> None:
         self.layer_devices = list(layer_devices)
         self.kv_heads, self.head_dim, self.dtype = kv_heads, head_dim, dtype
         self.max_capacity = max_capacity
@@ -95,9 +98,7 @@ class KVCache:
         self.capacity = 0
         self.keys: list[torch.Tensor] = []  # per layer [slots + 1, H_kv, capacity, D]
         self.values: list[torch.Tensor] = []
-        self.static_addresses = False
-        """Mark each new tensor as a static address for `torch.compile`, so CUDA graphs can write
-        the cache in place (set by a core that compiles its decode step)."""
+        self.static_addresses = static_addresses
         self._pending: _Allocation | None = None  # a background resize under way
         self.background_bytes = BACKGROUND_BYTES
         """Smaller resizes are made at once even when `ensure(background=True)`: they cost little."""

@@ -65,7 +65,7 @@ def load_checkpoint(
     """Load and place a checkpoint (see `NVLMEngine.from_pretrained` for every argument and error)."""
     # 1. Arguments that fail without reading anything.
     if tensor_parallel != 1:
-        _check_tensor_parallel(tensor_parallel, device_map, max_memory=max_memory, decoding=decoding,
+        _check_tensor_parallel(tensor_parallel, device_map, max_memory=max_memory,
                                vision_replicas=vision_replicas)
     scheme = get_scheme(quantization)
     if scheme is not None:
@@ -133,8 +133,7 @@ def load_checkpoint(
 
 
 def _check_tensor_parallel(tp: int, device_map: DeviceMapLike | None, *,
-                           max_memory: Mapping[str | int, int | str] | None, decoding: DecodeSettings | None,
-                           vision_replicas: bool) -> None:
+                           max_memory: Mapping[str | int, int | str] | None, vision_replicas: bool) -> None:
     """Refuse, before reading anything, what `tensor_parallel > 1` cannot be combined with (yet).
 
     Quantization is not refused here: every rank quantizes its own shards (`tensor_parallel.py`),
@@ -146,9 +145,7 @@ def _check_tensor_parallel(tp: int, device_map: DeviceMapLike | None, *,
 
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise TensorParallelOptionsError(f"tensor_parallel must be a positive int, got {tp!r}; use 1, 2, 4 or 8.")
-    refused = [label for label, given in (("max_memory", max_memory),
-                                          ("vision_replicas", vision_replicas),
-                                          ("decoding.compile", decoding is not None and decoding.compile)) if given]
+    refused = [label for label, given in (("max_memory", max_memory), ("vision_replicas", vision_replicas)) if given]
     if refused:
         raise TensorParallelOptionsError(
             f"tensor_parallel={tp} cannot be combined with {', '.join(refused)} yet; drop "

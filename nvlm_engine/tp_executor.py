@@ -118,17 +118,20 @@ class TensorParallelLink:
         core = next(self._core_ids)
         max_tokens = settings.get("max_tokens")
         self.send(Command("new_cache", core, (settings["max_capacity"], -1 if max_tokens is None else max_tokens,
-                                              settings["max_slots"], settings["kv_heads"], settings["head_dim"])))
+                                              settings["max_slots"], settings["kv_heads"], settings["head_dim"],
+                                              settings.get("static_addresses", False))))
         cache = MirroredKVCache(self, core, layer_devices, **settings)
         weakref.finalize(cache, self._drops.append, core)
         return cache
 
     @contextmanager
     def step(self, kv: MirroredKVCache, hidden: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
-             window: int, chunks: tuple[Chunk, ...]) -> Iterator[None]:
-        """Start the workers on a step (`decoder.mixed_step`); rank 0 runs its own layers inside the block."""
+             window: int, chunks: tuple[Chunk, ...], *, compiled: bool = False) -> Iterator[None]:
+        """Start the workers on a step (`decoder.mixed_step` / `decode_step`); rank 0 runs its own
+        layers inside the block. `compiled`: a decode-only step that rank 0 runs compiled; the
+        workers run their layers through their own compiled function too (same shapes, one graph)."""
         with self._guard():
-            self._send(Command("step", kv.core_id, (hidden.shape[1], write_slots.shape[0], window, chunks)))
+            self._send(Command("step", kv.core_id, (hidden.shape[1], write_slots.shape[0], window, chunks, compiled)))
             self._group.broadcast(hidden.contiguous())
             self._group.broadcast(torch.cat([positions, write_slots.to(positions.device)]).to(hidden.device, torch.long))
             yield

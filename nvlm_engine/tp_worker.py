@@ -11,12 +11,14 @@ and then serves `Command`s from the pipe in order, forever:
 - `step`: receive the step's layer inputs by broadcast (the flat hidden states [1, N, hidden]
   of its decode rows and prefill chunks, then their positions and the rows' write slots), then
   run `decoder.step_hidden` on its shard; the all-reduces inside pair with rank 0's. It
-  computes no logits: rank 0 alone does, and samples;
+  computes no logits: rank 0 alone does, and samples. A decode-only step that rank 0 runs
+  compiled (`DecodeSettings(compile=True)`) runs here through this rank's own compiled
+  `step_hidden` (`decoder.compile_decode`): the same static shapes, the same graph every step;
 - `encode`: receive a request's image tiles by broadcast, encode this rank's contiguous slice
   (`tensor_parallel.tile_counts`) with its own copy of the vision tower and projector, and send
   the image tokens to rank 0 by gather (padded to the largest slice, trimmed by rank 0);
-- `stats`: reply with the bytes of every tensor it holds and the class of each decoder linear
-  (what tests measure);
+- `stats`: reply with the bytes of every tensor it holds, the class of each decoder linear and
+  its compile counters (what tests measure);
 - `stop`: leave the process group and exit.
 
 Commands come by pipe, not by collective: an idle worker blocks on the pipe with no timeout,
@@ -37,7 +39,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from multiprocessing.connection import Connection
@@ -45,6 +47,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as _c10d  # the named-group table (see `Group`)
 
 from .checkpoint import TensorInfo
 from .config import NVLMConfig
@@ -104,6 +107,11 @@ class Group:
     Being nobody's default group, several tensor-parallel engines (or a user's own
     `init_process_group`) can live in one process. `timeout_s` bounds a collective that waits
     on a live but stuck peer; a dead peer's closed connection fails a collective at once.
+
+    The group is registered under `name` (torch's table of named groups, not the default group)
+    so that its all-reduce is torch's functional collective, which `torch.compile` traces into
+    the compiled decode step (and, on CUDA, into its captured graph) instead of breaking the
+    graph on a call into the process group object.
     """
 
     def __init__(self, backend: str, port: int, rank: int, tp: int, timeout_s: float,
@@ -112,20 +120,31 @@ class Group:
         if store is None:
             store = dist.TCPStore("127.0.0.1", port, tp, is_master=False, timeout=timeout)
         self.store = store  # kept alive as long as the group
-        prefixed = dist.PrefixStore("nvlm-tp", store)
+        self.name = f"nvlm-tp-{port}"  # one live group per rendezvous port on this host
+        prefixed = dist.PrefixStore(self.name, store)
         if backend == "gloo":
-            self.pg: Any = dist.ProcessGroupGloo(prefixed, rank, tp, timeout)
+            kind, device = dist.ProcessGroup.BackendType.GLOO, torch.device("cpu")
+            self._backend: Any = dist.ProcessGroupGloo(prefixed, rank, tp, timeout)
         else:
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = timeout
-            self.pg = dist.ProcessGroupNCCL(prefixed, rank, tp, options)
+            kind, device = dist.ProcessGroup.BackendType.NCCL, torch.device("cuda")
+            self._backend = dist.ProcessGroupNCCL(prefixed, rank, tp, options)
+        self.pg = dist.ProcessGroup(prefixed, rank, tp)
+        self.pg._set_default_backend(kind)
+        self.pg._register_backend(device, kind, self._backend)
+        self.pg._set_group_name(self.name)
+        _c10d._register_process_group(self.name, self.pg)
         self._root = dist.BroadcastOptions()
         self._root.rootRank = 0
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum `tensor` over every rank, in place (the row-parallel linears' partial outputs)."""
-        self.pg.allreduce([tensor]).wait()
-        return tensor
+        """The sum of `tensor` over every rank (the row-parallel linears' partial outputs), a new tensor.
+
+        Torch's functional all-reduce on this group: the same call runs eager and compiled.
+        """
+        summed = torch.ops._c10d_functional.all_reduce(tensor, "sum", self.name)
+        return torch.ops._c10d_functional.wait_tensor(summed)
 
     def broadcast(self, tensor: torch.Tensor) -> None:
         """Rank 0's `tensor` into every other rank's `tensor`, in place."""
@@ -142,7 +161,11 @@ class Group:
     def shutdown(self) -> None:
         """Leave the group (connections closed); the group cannot be used afterwards."""
         try:
-            self.pg.shutdown()
+            _c10d._unregister_process_group(self.name)
+        except Exception:  # noqa: BLE001, S110 (not registered: nothing to undo)
+            pass
+        try:
+            self._backend.shutdown()
         except Exception:  # noqa: BLE001, S110 (already broken by a dead peer: nothing left to close)
             pass
 
@@ -195,7 +218,7 @@ def _load(spec: WorkerSpec) -> torch.nn.Module:
 
 def _serve(spec: WorkerSpec, model: torch.nn.Module, conn: Connection, group: Group) -> None:
     """Run rank 0's commands until "stop" or until rank 0 is gone."""
-    from .decoder import step_hidden
+    from .decoder import compile_decode, step_hidden
     from .kv_cache import KVCache
     from .model import encode_tiles
     from .tensor_parallel import tensor_bytes
@@ -204,6 +227,8 @@ def _serve(spec: WorkerSpec, model: torch.nn.Module, conn: Connection, group: Gr
     layers = model.language_model.model.layers
     hidden_size = spec.config.llm.hidden_size
     caches: dict[int, KVCache] = {}
+    compiled_step: Callable[..., torch.Tensor] | None = None  # made at the first compiled step
+    compiled_steps = 0
     while True:
         try:
             command: Command = conn.recv()
@@ -215,21 +240,26 @@ def _serve(spec: WorkerSpec, model: torch.nn.Module, conn: Connection, group: Gr
         if op == "stop":
             return
         if op == "new_cache":
-            capacity, max_tokens, max_slots, kv_heads, head_dim = args
+            capacity, max_tokens, max_slots, kv_heads, head_dim, static_addresses = args
             attn = layers[0].self_attn
             assert (kv_heads, head_dim) == (attn.k_proj.out_features // attn.head_dim, attn.head_dim), "shard mismatch"
             caches[command.core] = KVCache([device] * len(layers), kv_heads=kv_heads, head_dim=head_dim,
                                            dtype=spec.dtype, max_capacity=capacity,
-                                           max_tokens=None if max_tokens < 0 else max_tokens, max_slots=max_slots)
+                                           max_tokens=None if max_tokens < 0 else max_tokens, max_slots=max_slots,
+                                           static_addresses=static_addresses)
         elif op in MIRRORED_CACHE_METHODS:
             getattr(caches[command.core], op)(*args, **command.kwargs)
         elif op == "step":
-            tokens, rows, window, chunks = args
+            tokens, rows, window, chunks, compiled = args
             hidden = torch.empty((1, tokens, hidden_size), dtype=spec.dtype, device=device)
             flat = torch.empty((tokens + rows,), dtype=torch.long, device=device)  # positions, then the rows' slots
             group.broadcast(hidden)
             group.broadcast(flat)
-            step_hidden(model, caches[command.core], hidden, flat[:tokens], flat[tokens:], window, chunks)
+            if compiled and compiled_step is None:
+                compiled_step = compile_decode(step_hidden, device)
+            run = compiled_step if compiled else step_hidden
+            run(model, caches[command.core], hidden, flat[:tokens], flat[tokens:], window, chunks)
+            compiled_steps += compiled
         elif op == "encode":
             counts, tile_shape, chunk_tiles = args
             pixels = torch.empty((sum(counts), *tile_shape), dtype=spec.dtype, device=device)
@@ -241,9 +271,19 @@ def _serve(spec: WorkerSpec, model: torch.nn.Module, conn: Connection, group: Gr
         elif op == "stats":
             conn.send({"weights": tensor_bytes(model), "kv": {c: kv.nbytes for c, kv in caches.items()},
                        "kv_heads": {c: kv.kv_heads for c, kv in caches.items()},
-                       "linears": {n: type(m).__name__ for n, m in model.named_modules() if is_quantized_module(n)}})
+                       "linears": {n: type(m).__name__ for n, m in model.named_modules() if is_quantized_module(n)},
+                       "compiled": _compile_counts(compiled_steps)})
         else:
             raise AssertionError(f"unknown command {op!r}")
+
+
+def _compile_counts(steps: int) -> dict[str, int]:
+    """Compiled steps run, and this process's `torch.compile` counters: graphs made (a recompile
+    is one more), graph breaks."""
+    from torch._dynamo.utils import counters
+
+    return {"steps": steps, "graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values())}
 
 
 def padded_tokens(tokens: torch.Tensor | None, tiles: int, config: NVLMConfig, dtype: torch.dtype,

@@ -126,6 +126,8 @@ class ChatNVLM(BaseChatModel):
     this many at once. None plans for 1 and decodes up to 16 when memory allows."""
     tensor_parallel: int = 1
     """Split every decoder layer over this many processes, one per GPU (tensor parallelism; see the README)."""
+    compile: bool = False
+    """Decode steps through torch.compile, as CUDA graphs on a GPU; the first calls pay the compile time (~1 min)."""
     revision: str | None = None
     """With a Hugging Face id as `model`: the branch, tag or commit to load (default "main")."""
     download: bool = False
@@ -230,10 +232,7 @@ class ChatNVLM(BaseChatModel):
 
     def engine_spec(self, model: str | None = None) -> EngineSpec:
         """The registry key of this model's weights (or of `model`, another folder, with the same placement)."""
-        return EngineSpec(path=model or self.model, device_map=self.device_map, dtype=self.dtype,
-                          max_memory=self.max_memory, context_length=self.context_length,
-                          quantization=self.quantization, batch_size=self.batch_size, revision=self.revision,
-                          download=self.download, progress=self.progress, tensor_parallel=self.tensor_parallel)
+        return EngineSpec.of(model or self.model, self)  # the fields of the same names: placement, compile, ...
 
     @property
     def _backend(self) -> Backend:

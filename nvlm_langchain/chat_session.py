@@ -49,7 +49,8 @@ class ChatSession:
         """Make the chat model and load its weights now, so errors surface before the first question.
 
         `placement` holds ChatNVLM's placement fields (device_map, max_memory, context_length,
-        batch_size, quantization, download, revision); None or False values are left out.
+        batch_size, quantization, tensor_parallel, compile, download, revision); None or False
+        values are left out.
         `progress` goes to `ChatNVLM.load` (None: the engine's default, a bar on a terminal).
         """
         options = {k: v for k, v in {**generation, **placement}.items() if v is not None and v is not False}

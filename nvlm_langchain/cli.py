@@ -18,6 +18,7 @@ import logging
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +93,8 @@ def main(ctx: click.Context, prompt: tuple[str, ...], model: str | None, images:
     except PageConflictError as e:
         raise click.UsageError(str(e)) from e
     placement = placement_from_options(placement_flags)
-    arguments = placement.arguments(_device_map(device_map))
+    # ChatNVLM's field is compile=True, not from_pretrained's decoding=DecodeSettings(...) (and no torch yet)
+    arguments = {**replace(placement, compile=False).arguments(_device_map(device_map)), "compile": placement.compile}
     text = read_prompt(prompt, sys.stdin, stdin_is_terminal=_is_terminal(sys.stdin))
     if text is None and as_json:
         raise click.UsageError("--json prints one answer: give a prompt (argument or stdin), or drop --json "

@@ -20,12 +20,13 @@ import json
 import logging
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nvlm_engine import NVLMEngine, PromptDialect
 from nvlm_engine.chat import ChatService, grammars_for
+from nvlm_engine.cores import DecodeSettings
 from nvlm_engine.hub import is_repo_id
 from nvlm_engine.load_progress import LoadProgress
 from nvlm_engine.scheduler import Scheduler
@@ -45,10 +46,11 @@ MAX_QUEUE = 1 << 30
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """What identifies loaded weights: the checkpoint folder, its placement and quantization.
+    """What identifies loaded weights: the checkpoint folder, its placement, quantization and decoding.
 
     `batch_size` is the batch memory is reserved for and the scheduler's largest decode batch
-    (None: plan for 1, decode up to `MAX_BATCH_SIZE`).
+    (None: plan for 1, decode up to `MAX_BATCH_SIZE`). `compile` loads with compiled decode steps
+    (`decoding=DecodeSettings(compile=True)`): another engine than the eager one.
 
     The folder is resolved, so "./ckpt", "ckpt/" and a symlink to it name one engine;
     `device_map` and `max_memory` are compared through a canonical JSON form, so equal maps
@@ -65,6 +67,7 @@ class EngineSpec:
     context_length: int | None = None
     quantization: str | None = None
     tensor_parallel: int = 1
+    compile: bool = False
     batch_size: int | None = field(default=None, compare=False, hash=False)
     revision: str | None = None
     download: bool = field(default=False, compare=False, hash=False)
@@ -79,6 +82,11 @@ class EngineSpec:
             object.__setattr__(self, "path", str(folder.resolve()))
         placement = json.dumps([self.device_map, self.max_memory, self.batch_size], sort_keys=True, default=str)
         object.__setattr__(self, "placement", placement)
+
+    @classmethod
+    def of(cls, path: str, source: Any) -> EngineSpec:
+        """The spec of `path` whose other fields are `source`'s attributes of the same names (a `ChatNVLM`)."""
+        return cls(path, **{f.name: getattr(source, f.name) for f in fields(cls) if f.init and f.name != "path"})
 
     def load(self, progress: LoadProgress = None) -> NVLMEngine:
         """Load the weights; `progress` None uses the spec's own (see `NVLMEngine.from_pretrained`)."""
@@ -95,6 +103,7 @@ class EngineSpec:
             download=self.download,
             progress=progress if progress is not None else self.progress,
             **({"tensor_parallel": self.tensor_parallel} if self.tensor_parallel > 1 else {}),
+            **({"decoding": DecodeSettings(compile=True)} if self.compile else {}),
         )
 
 

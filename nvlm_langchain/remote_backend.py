@@ -39,7 +39,7 @@ class RemoteBackend:
 
     mode = "with base_url (a remote model)"
     foreign_fields = frozenset({"device_map", "dtype", "max_memory", "dialect", "max_tiles", "quantization",
-                                "tensor_parallel", "batch_size", "revision", "download", "progress"})
+                                "tensor_parallel", "compile", "batch_size", "revision", "download", "progress"})
     submits_batches = False  # LangChain's concurrent invokes; the server batches them
 
     def check(self, chat: ChatNVLM) -> None:

@@ -182,6 +182,25 @@ def test_placement_flags_reach_chat_nvlm(tiny_checkpoint: Path, monkeypatch) -> 
                     "context_length": 8192, "batch_size": 4, "quantization": "bnb-8bit", "progress": None}
 
 
+def test_compile_reaches_from_pretrained_through_chat_nvlm(tmp_path: Path, monkeypatch) -> None:
+    from nvlm_engine import CheckpointError, NVLMEngine
+    from nvlm_engine.cores import DecodeSettings
+
+    loads: list[dict] = []
+
+    def fake(cls, path, **kwargs):
+        loads.append(kwargs)
+        raise CheckpointError("stop here (test)")
+
+    monkeypatch.setattr(NVLMEngine, "from_pretrained", classmethod(fake))
+    for flags in (["--compile"], []):  # a folder no registry holds: each run reaches from_pretrained
+        result = _run("-m", str(tmp_path / "never-loaded"), "--device-map", "cpu", *flags, "hi")
+        assert result.exit_code == exit_codes.MODEL, result.output
+    compiled, eager = loads
+    assert compiled.pop("decoding") == DecodeSettings(compile=True)
+    assert "decoding" not in eager and compiled == eager
+
+
 def test_missing_model_has_the_same_code_as_nvlm_serve(tmp_path: Path) -> None:
     from nvlm_server.cli import main as serve
 

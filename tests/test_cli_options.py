@@ -153,3 +153,22 @@ def test_tensor_parallel_reaches_from_pretrained_from_every_surface(monkeypatch)
     spec.load()
     assert calls[-1]["tensor_parallel"] == 4
     assert spec != ChatNVLM(model="/models/none").engine_spec()  # other weights in memory: another engine
+
+
+def test_compile_becomes_decode_settings_and_another_engine(monkeypatch) -> None:
+    """--compile (nvlm-chat, nvlm-serve) and ChatNVLM(compile=True) load with decoding=DecodeSettings(compile=True);
+    without it the call is unchanged, and the two are different engines (different decode steps)."""
+    import nvlm_engine
+    from nvlm_engine.cores import DecodeSettings
+    from nvlm_langchain import ChatNVLM
+
+    assert Placement(compile=True).arguments("cpu")["decoding"] == DecodeSettings(compile=True)
+    assert "decoding" not in Placement().arguments("cpu")
+    calls: list[dict] = []
+    monkeypatch.setattr(nvlm_engine.NVLMEngine, "from_pretrained", classmethod(lambda cls, path, **k: calls.append(k)))
+    compiled = ChatNVLM(model="/models/none", compile=True).engine_spec()
+    eager = ChatNVLM(model="/models/none").engine_spec()
+    compiled.load()
+    eager.load()
+    assert calls[0]["decoding"] == DecodeSettings(compile=True) and "decoding" not in calls[1]
+    assert compiled != eager  # the registry's key: not one engine

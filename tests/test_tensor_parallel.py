@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import signal
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -199,6 +200,54 @@ def test_logits_within_tolerance(one: NVLMEngine, tp2: NVLMEngine) -> None:
         torch.testing.assert_close(ours, reference, atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
+def test_compiled_decode_under_tensor_parallelism(one: NVLMEngine, checkpoint: Path) -> None:
+    """`DecodeSettings(compile=True)` with TP=2: rank 0's layers and the worker's run compiled
+    (fullgraph: the all-reduce is traced, not a graph break), one graph each for a whole growing
+    answer, and the tokens are one process's eager tokens."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    engine = NVLMEngine.from_pretrained(checkpoint, device_map="cpu", dtype="float32", progress=False,
+                                        tensor_parallel=2, decoding=DecodeSettings(compile=True, prefix_caching=False))
+    no_recompile = ExitStack()
+    try:
+        core = engine.new_core()
+        assert core._step is not None
+        windows: list[int] = []
+        compiled = core._step
+
+        def counted(*args):
+            windows.append(args[-1])
+            return compiled(*args)
+
+        core._step = counted
+        new_tokens = 48
+        request = engine.prepare(LONG, max_new_tokens=new_tokens)
+        assert len(request.prompt_ids) + new_tokens <= 256  # one window bucket for the whole answer
+        tokens: list[int] = []
+        deltas = core.admit([(0, request)])
+        graphs = None
+        while not any(d.result is not None for d in deltas):
+            deltas = core.step()
+            if len(windows) == 2 and graphs is None:  # compiled once, on every rank: no recompile from here on
+                graphs = counters["stats"]["unique_graphs"], engine.model.tp_link.worker_stats()[0]["compiled"]["graphs"]
+                no_recompile.enter_context(torch._dynamo.config.patch(error_on_recompile=True))
+        result = next(d.result for d in deltas if d.result is not None)
+        tokens = result.token_ids
+        assert tokens == one.generate(LONG, max_new_tokens=new_tokens).token_ids and len(tokens) == new_tokens
+        assert len(windows) == new_tokens - 1 and set(windows) == {256}  # every decode step went compiled
+        assert not counters["graph_break"]
+        worker = engine.model.tp_link.worker_stats()[0]["compiled"]
+        assert worker["steps"] == len(windows) and worker["graph_breaks"] == 0
+        assert graphs is not None and graphs[0] >= 1 and graphs[1] >= 1
+        assert (counters["stats"]["unique_graphs"], worker["graphs"]) == graphs  # nothing compiled since
+    finally:
+        no_recompile.close()
+        engine.close()
+
+
 # --- what each rank holds ----------------------------------------------------------------------
 
 
@@ -252,7 +301,7 @@ def test_sizes_that_do_not_divide_are_refused(checkpoint: Path, size: int) -> No
 
 
 @pytest.mark.parametrize("options", [{"device_map": {"": "cpu"}}, {"device_map": "card"}, {"vision_replicas": True},
-                                     {"max_memory": {"cpu": "8GiB"}}, {"decoding": DecodeSettings(compile=True)}])
+                                     {"max_memory": {"cpu": "8GiB"}}])
 def test_unsupported_combinations_are_refused(checkpoint: Path, options: dict) -> None:
     before = set(multiprocessing.active_children())
     with pytest.raises(TensorParallelOptionsError, match="tensor_parallel"):

@@ -504,6 +504,16 @@ def test_models_are_cheap_and_share_one_engine(chat, nvlm_alias) -> None:
     assert chat.invoke("hi", model=nvlm_alias).response_metadata["model_name"] == Path(nvlm_alias).name
 
 
+def test_compile_reaches_the_engine_and_is_another_engine(chat) -> None:
+    """compile=True loads its own copy of the weights with compiled decode steps (nothing is compiled
+    until a decode step runs, so this loads only); the eager models keep theirs."""
+    compiled = ChatNVLM(model=chat.model, compile=True, **CHAT_PARAMS)
+    assert compiled.engine.decoding.compile is True and chat.engine.decoding.compile is False
+    assert get_engine(compiled.engine_spec()) is not get_engine(chat.engine_spec())
+    assert compiled.engine.model is not chat.engine.model
+    assert ChatNVLM(model=chat.model, compile=False, **CHAT_PARAMS).engine is chat.engine  # the default: shared
+
+
 def test_bad_options_fail_early_and_clearly(chat) -> None:
     with pytest.raises(ValueError, match="temperature"):
         ChatNVLM(model=chat.model, temperature=-1)

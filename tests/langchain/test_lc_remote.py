@@ -449,6 +449,9 @@ def test_remote_models_are_cheap_and_say_what_they_cannot_do(monkeypatch) -> Non
     assert chat.get_num_tokens_from_messages([HumanMessage("hello there")]) > 0
     with pytest.warns(UserWarning, match=r"\['device_map', 'max_tiles'\] with base_url"):
         offline(device_map="cpu", max_tiles=4)
+    with pytest.warns(UserWarning, match=r"\['compile'\] with base_url"):  # the server decides how it decodes
+        compiled = offline(compile=True)
+    assert "compile" not in compiled.to_json()["kwargs"] and "compile" not in compiled._identifying_params
     with pytest.raises(ValueError, match="base_url must be an http"):
         ChatNVLM(base_url="localhost:8000/v1", model="m")
     assert chat._identifying_params["base_url"] == "http://127.0.0.1:9/v1"

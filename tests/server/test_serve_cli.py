@@ -93,3 +93,15 @@ def test_defaults_reach_the_engine_unchanged(loads: list[dict]) -> None:
     assert result.exit_code == exit_codes.MODEL
     assert loads == [{"path": "/models/x", "device_map": "auto", "max_memory": None, "context_length": None,
                       "batch_size": 1, "quantization": None, "dtype": "auto", "max_tiles": 6, "progress": "log"}]
+
+
+def test_compile_reaches_the_engine_as_decode_settings_only_when_given(loads: list[dict]) -> None:
+    from nvlm_engine.cores import DecodeSettings
+
+    for flags in (["--compile"], []):
+        result = CliRunner().invoke(main, ["-m", "/models/x", "--port", "0", *flags])
+        assert result.exit_code == exit_codes.MODEL, result.output
+    compiled, eager = loads
+    assert compiled.pop("decoding") == DecodeSettings(compile=True)
+    assert "decoding" not in eager  # without the flag the call is unchanged: the engine's eager default
+    assert compiled == eager
