@@ -184,7 +184,7 @@ def local_gpus(max_memory: MaxMemory | None = None) -> list[DeviceSpec]:
     specs = []
     for index in range(torch.cuda.device_count()):
         device = torch.device("cuda", index)
-        budget = _memory_for(max_memory, device) if max_memory else None
+        budget = memory_budget(max_memory, device) if max_memory else None
         if max_memory and budget is None:
             continue
         free, _total = torch.cuda.mem_get_info(index)
@@ -239,7 +239,7 @@ def _device_specs(device_map: DeviceMapLike | None, max_memory: MaxMemory | None
     """The devices to plan over, GPUs first; [] means "everything on the CPU"."""
     if device_map is None or device_map == "auto":
         specs = local_gpus(max_memory)
-        if specs and max_memory and _memory_for(max_memory, torch.device("cpu")) is not None:
+        if specs and max_memory and memory_budget(max_memory, torch.device("cpu")) is not None:
             specs.append(_cpu_spec(max_memory))  # offload asked for, accelerate-style
         return specs
     devices = [_device(device_map)] if isinstance(device_map, (str, torch.device, int)) else [_device(d) for d in device_map]
@@ -258,7 +258,7 @@ def _device_specs(device_map: DeviceMapLike | None, max_memory: MaxMemory | None
             specs.append(_cpu_spec(max_memory))
             continue
         name = str(torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device()))
-        budget = _memory_for(max_memory, torch.device(name)) if max_memory else None
+        budget = memory_budget(max_memory, torch.device(name)) if max_memory else None
         specs.append(DeviceSpec(name, budget, by_index[name].label) if budget is not None else by_index[name])
     return specs
 
@@ -279,7 +279,7 @@ def _check_weights_fit(footprint: Footprint, mapping: Mapping[str, torch.device]
 
 
 def _cpu_spec(max_memory: MaxMemory | None) -> DeviceSpec:
-    budget = _memory_for(max_memory, torch.device("cpu")) if max_memory else None
+    budget = memory_budget(max_memory, torch.device("cpu")) if max_memory else None
     if budget is None:  # what the operating system reports as available now
         budget = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return DeviceSpec("cpu", budget, "host memory")
@@ -318,7 +318,8 @@ def _device(value: str | torch.device | int) -> torch.device:
     return device
 
 
-def _memory_for(max_memory: MaxMemory | None, device: torch.device) -> int | None:
+def memory_budget(max_memory: MaxMemory | None, device: torch.device) -> int | None:
+    """The bytes `max_memory` allows `device` (keys: "cpu", a GPU index, "cuda:N"); None: not listed."""
     if not max_memory:
         return None
     keys = ("cpu",) if device.type == "cpu" else (device.index, str(device), f"cuda:{device.index}")

@@ -93,7 +93,7 @@ def load_checkpoint(
     check_tensors(model, infos)
     if tensor_parallel != 1:  # every rank reads its slice of the layers (tp_startup.py); no layer split plan
         return _load_tensor_parallel(model, folder, infos, tokenizer, name=display_name(path, folder),
-                                     tp=tensor_parallel, device_map=device_map, dtype=dtype,
+                                     tp=tensor_parallel, device_map=device_map, max_memory=max_memory, dtype=dtype,
                                      context_length=context_length, batch_size=batch_size, decoding=decoding,
                                      scheme=scheme)
     # 3. The placement plan, from the real tensor shapes and stored dtypes.
@@ -134,27 +134,31 @@ def load_checkpoint(
 
 def _check_tensor_parallel(tp: int, device_map: DeviceMapLike | None, *,
                            max_memory: Mapping[str | int, int | str] | None, vision_replicas: bool) -> None:
-    """Refuse, before reading anything, what `tensor_parallel > 1` cannot be combined with (yet).
+    """Refuse, before reading anything, what `tensor_parallel > 1` cannot be combined with.
 
     Quantization is not refused here: every rank quantizes its own shards (`tensor_parallel.py`),
     and `quantization.check_runtime` refuses, as in one process, a scheme the ranks' devices
     cannot run (FP8 without CUDA compute capability 8.9+, bitsandbytes missing or too old).
+    `max_memory` budgets the ranks' GPUs (`tp_startup.check_rank_budgets`).
     """
     from .errors import TensorParallelOptionsError
     from .tensor_parallel import rank_devices
+    from .tp_startup import check_rank_budgets
 
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise TensorParallelOptionsError(f"tensor_parallel must be a positive int, got {tp!r}; use 1, 2, 4 or 8.")
-    refused = [label for label, given in (("max_memory", max_memory), ("vision_replicas", vision_replicas)) if given]
-    if refused:
+    if vision_replicas:
         raise TensorParallelOptionsError(
-            f"tensor_parallel={tp} cannot be combined with {', '.join(refused)} yet; drop "
-            f"{'it' if len(refused) == 1 else 'them'}, or load without tensor_parallel (the layer split).")
-    rank_devices(device_map, tp)  # the device map's form, and enough GPUs
+            f"tensor_parallel={tp} cannot be combined with vision_replicas: every rank already holds the vision "
+            f"tower and encodes its share of a request's tiles. Drop vision_replicas.")
+    devices = rank_devices(device_map, tp)  # the device map's form, and enough GPUs
+    if max_memory:
+        check_rank_budgets(max_memory, devices)
 
 
 def _load_tensor_parallel(model: NVLMModel, folder: Path, infos: dict, tokenizer: Any, *, name: str, tp: int,
-                          device_map: DeviceMapLike | None, dtype: str | torch.dtype | None, context_length: int,
+                          device_map: DeviceMapLike | None, max_memory: Mapping[str | int, int | str] | None,
+                          dtype: str | torch.dtype | None, context_length: int,
                           batch_size: int, decoding: DecodeSettings | None,
                           scheme: QuantizationScheme | None) -> LoadedCheckpoint:
     """`load_checkpoint` with `tensor_parallel > 1`, from the model on `meta` and the checked tensor headers.
@@ -176,7 +180,7 @@ def _load_tensor_parallel(model: NVLMModel, folder: Path, infos: dict, tokenizer
     if scheme is not None:
         check_runtime(scheme, devices)
         check_linear_shapes(scheme, {n: shard_shape(n, i.shape, tp) for n, i in infos.items()}, devices)
-    gpus = rank_gpu_specs(devices, local_gpus() if devices[0].type == "cuda" else [])
+    gpus = rank_gpu_specs(devices, local_gpus() if devices[0].type == "cuda" else [], max_memory)
     kv_tokens = None
     if gpus:
         footprint = Footprint.from_model(model, dtype=resolve_dtype(dtype, devices[0]), quantization=scheme,

@@ -43,8 +43,8 @@ import torch.distributed as dist
 
 from .checkpoint import TensorInfo, fill_model
 from .config import NVLMConfig
-from .devices import resolve_dtype
-from .errors import TensorParallelError
+from .devices import MaxMemory, memory_budget, resolve_dtype
+from .errors import TensorParallelError, TensorParallelOptionsError
 from .placement_plan import DeviceSpec
 from .placement_sizes import Footprint
 from .quantization import QuantizationScheme
@@ -88,19 +88,46 @@ def rank_kv_tokens(footprint: Footprint, gpus: Sequence[DeviceSpec] | None, *, c
     return min(plan.kv_tokens)  # every rank caches the same tokens: the tightest rank bounds them all
 
 
-def rank_gpu_specs(devices: Sequence[torch.device], local: Sequence[DeviceSpec]) -> list[DeviceSpec] | None:
-    """The planner's view of the ranks' GPUs: each rank's GPU at the smallest free memory among them.
+def rank_gpu_specs(devices: Sequence[torch.device], local: Sequence[DeviceSpec],
+                   max_memory: MaxMemory | None = None) -> list[DeviceSpec] | None:
+    """The planner's view of the ranks' GPUs: each rank's GPU at the smallest memory among them.
 
-    `local` is `devices.local_gpus()` (free memory now). The smallest counts for all: every rank
-    gets the same share, and a few hundred MiB more in use on one GPU (a CUDA context) must not
-    make the GPUs look unlike to the planner. None when the ranks are on the CPU.
+    `local` is `devices.local_gpus()` (free memory now); a GPU `max_memory` lists is planned at
+    that budget instead, as in the layer split. The smallest counts for all: every rank gets the
+    same share, and a few hundred MiB more in use on one GPU (a CUDA context) must not make the
+    GPUs look unlike to the planner. None when the ranks are on the CPU.
     """
     if devices[0].type != "cuda":
         return None
     by_name = {spec.name: spec for spec in local}
     specs = [by_name[str(device)] for device in devices]
-    smallest = min(spec.memory_bytes for spec in specs)
+    budgets = [memory_budget(max_memory, device) for device in devices]
+    smallest = min(spec.memory_bytes if budget is None else budget for spec, budget in zip(specs, budgets))
     return [DeviceSpec(spec.name, smallest, spec.label, spec.capability) for spec in specs]
+
+
+def check_rank_budgets(max_memory: MaxMemory, devices: Sequence[torch.device]) -> None:
+    """Refuse a `max_memory` tensor parallelism cannot honour: a CPU budget (offload), budgets for
+    CPU ranks (nothing is planned there), or a GPU that is not one of the ranks'.
+
+    Raises:
+        TensorParallelOptionsError: naming what to drop.
+    """
+    tp = len(devices)
+    if memory_budget(max_memory, torch.device("cpu")) is not None:
+        raise TensorParallelOptionsError(
+            f"max_memory has a 'cpu' budget (CPU offload), which tensor_parallel={tp} cannot use: every rank holds "
+            f"its whole shard on its GPU. Drop the cpu entry (--cpu-offload), or load without tensor_parallel "
+            f"(the layer split).")
+    if devices[0].type != "cuda":
+        raise TensorParallelOptionsError(
+            f"max_memory budgets GPUs; the tensor_parallel={tp} ranks run on the CPU, where nothing is planned. "
+            f"Drop max_memory.")
+    stray = [key for key in max_memory if all(memory_budget({key: max_memory[key]}, d) is None for d in devices)]
+    if stray:
+        raise TensorParallelOptionsError(
+            f"max_memory names {', '.join(map(repr, stray))}, which is not one of the ranks' GPUs "
+            f"({', '.join(map(str, devices))}). Give budgets for those GPUs only.")
 
 
 def load_tensor_parallel(folder: Path, config: NVLMConfig, infos: Mapping[str, TensorInfo], *, tp: int,

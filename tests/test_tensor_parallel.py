@@ -301,7 +301,7 @@ def test_sizes_that_do_not_divide_are_refused(checkpoint: Path, size: int) -> No
 
 
 @pytest.mark.parametrize("options", [{"device_map": {"": "cpu"}}, {"device_map": "card"}, {"vision_replicas": True},
-                                     {"max_memory": {"cpu": "8GiB"}}])
+                                     {"max_memory": {"cpu": "8GiB"}}, {"max_memory": {0: "8GiB"}}])
 def test_unsupported_combinations_are_refused(checkpoint: Path, options: dict) -> None:
     before = set(multiprocessing.active_children())
     with pytest.raises(TensorParallelOptionsError, match="tensor_parallel"):

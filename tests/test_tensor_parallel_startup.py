@@ -21,11 +21,11 @@ import pytest
 import torch
 
 from nvlm_engine import NVLMEngine
-from nvlm_engine.errors import TensorParallelError
+from nvlm_engine.errors import TensorParallelError, TensorParallelOptionsError
 from nvlm_engine.placement import GIB, DeviceSpec, Footprint, PlanError
 from nvlm_engine.placement_tensor import plan_tensor_parallel
 from nvlm_engine.testing import build_tiny_checkpoint, tiny_config
-from nvlm_engine.tp_startup import rank_gpu_specs, rank_kv_tokens
+from nvlm_engine.tp_startup import check_rank_budgets, rank_gpu_specs, rank_kv_tokens
 from nvlm_engine.tp_worker import TEST_EXIT_CODE, TEST_EXIT_ENV
 
 TIMEOUT_S = 120  # tp_executor.TIMEOUT_S: what rank 0 waited before
@@ -98,6 +98,29 @@ def test_each_rank_is_planned_at_the_smallest_free_memory(footprint: Footprint) 
     assert specs == _gpus(30 * GIB, 30 * GIB)
     assert rank_gpu_specs([torch.device("cuda", 2), torch.device("cuda", 1)], local) == [
         DeviceSpec("cuda:2", 29 * GIB, "H200", (9, 0)), DeviceSpec("cuda:1", 29 * GIB, "H200", (9, 0))]
+
+
+def test_max_memory_budgets_the_ranks_gpus(footprint: Footprint) -> None:
+    """A GPU max_memory lists is planned at its budget (as in the layer split); the smallest still counts for all."""
+    local = _gpus(30 * GIB, 31 * GIB)
+    devices = [torch.device("cuda", i) for i in range(2)]
+    assert rank_gpu_specs(devices, local, {1: "20GiB"}) == _gpus(20 * GIB, 20 * GIB)
+    assert rank_gpu_specs(devices, local, {"cuda:0": "40GiB", "cuda:1": "35GiB"}) == _gpus(35 * GIB, 35 * GIB)
+    assert rank_gpu_specs(devices, local, {}) == _gpus(30 * GIB, 30 * GIB)
+    check_rank_budgets({0: "20GiB", "cuda:1": "20GiB"}, devices)  # every key a rank's GPU: accepted
+
+
+@pytest.mark.parametrize(("max_memory", "devices", "says"), [
+    ({"cpu": "100GiB", 0: "20GiB"}, ["cuda:0", "cuda:1"], "'cpu' budget"),
+    ({0: "20GiB"}, ["cpu", "cpu"], "run on the CPU"),
+    ({0: "20GiB", "cuda:3": "20GiB"}, ["cuda:0", "cuda:1"], "'cuda:3', which is not one of the ranks' GPUs"),
+    ({2: "20GiB"}, ["cuda:0", "cuda:1"], "2, which is not one of the ranks' GPUs"),
+])
+def test_max_memory_tensor_parallelism_cannot_honour_is_refused(max_memory: dict, devices: list[str],
+                                                                says: str) -> None:
+    with pytest.raises(TensorParallelOptionsError, match="tensor_parallel|ranks") as info:
+        check_rank_budgets(max_memory, [torch.device(d) for d in devices])
+    assert says in str(info.value)
 
 
 def test_kv_cache_is_sized_from_the_tightest_rank(footprint: Footprint) -> None:
