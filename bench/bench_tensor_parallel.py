@@ -19,7 +19,11 @@ With few cores shared with other work the ratio is typically below 1. On GPUs (N
 all-reduce, each GPU its own HBM) the same split halves the bytes each GPU reads per token;
 `bench/gpu_check.py`'s `tp2_half_width` step projects that case.
 
-Run: `python bench/bench_tensor_parallel.py [--batch 1,4] [--steps 32] [--repeats 3] [--smoke]`.
+`--compile` also runs TP=1 (every core) and TP=2 with `DecodeSettings(compile=True)` decode
+steps (torch.compile through inductor, the all-reduces inside each rank's graph), compile time
+reported apart, and prints compiled over eager for each.
+
+Run: `python bench/bench_tensor_parallel.py [--batch 1,4] [--steps 32] [--repeats 3] [--compile] [--smoke]`.
 """
 
 from __future__ import annotations
@@ -55,10 +59,11 @@ def build(folder: Path, smoke: bool) -> Path:
 
 
 def measure(folder: Path, tp: int, batches: list[int], steps: int, repeats: int,
-            threads: int | None = None) -> dict[int, float]:
+            threads: int | None = None, compile: bool = False) -> dict[int, float]:
     """Median seconds per decode step at each batch size, on an engine of `tp` ranks.
 
-    `threads`: torch threads of the one process (TP=1 only; TP=2 sets its own).
+    `threads`: torch threads of the one process (TP=1 only; TP=2 sets its own). `compile`:
+    compiled decode steps (the warm-up round compiles; its time is printed apart).
     """
     before = torch.get_num_threads()
     if threads is not None:
@@ -66,16 +71,17 @@ def measure(folder: Path, tp: int, batches: list[int], steps: int, repeats: int,
     started = time.perf_counter()
     engine = NVLMEngine.from_pretrained(folder, device_map="cpu", dtype="float32", progress=False,
                                         tensor_parallel=tp)
-    print(f"TP={tp}: loaded in {time.perf_counter() - started:.1f} s; {torch.get_num_threads()} thread(s) per rank",
-          flush=True)
+    print(f"TP={tp}{' compiled' if compile else ''}: loaded in {time.perf_counter() - started:.1f} s; "
+          f"{torch.get_num_threads()} thread(s) per rank", flush=True)
     ids = replace(engine.token_ids, end=-1)  # never ends: every row decodes its whole budget
     out: dict[int, float] = {}
     try:
         for batch in batches:
             times = []
-            for repeat in range(repeats + 1):  # the first round warms up
+            warm = time.perf_counter()
+            for repeat in range(repeats + 1):  # the first round warms up (and compiles)
                 core = DecodeCore(engine.model, engine.tokenizer, ids, context_length=engine.context_length,
-                                  max_slots=max(batches) + 1)
+                                  max_slots=max(batches) + 1, compile=compile)
                 g = torch.Generator().manual_seed(repeat)
                 requests = [PreparedRequest(prompt_ids=torch.randint(0, 700, (64,), generator=g).tolist(),
                                             pixel_values=None, options=make_options(max_new_tokens=steps + 4))
@@ -88,8 +94,11 @@ def measure(folder: Path, tp: int, batches: list[int], steps: int, repeats: int,
                     core.step()
                 if repeat:
                     times.append((time.perf_counter() - t0) / steps)
+                else:
+                    warm = time.perf_counter() - warm
             out[batch] = statistics.median(times)
-            print(f"  batch {batch}: {1000 * out[batch]:.1f} ms/step, {batch / out[batch]:.1f} tokens/s", flush=True)
+            print(f"  batch {batch}: {1000 * out[batch]:.1f} ms/step, {batch / out[batch]:.1f} tokens/s"
+                  f"{f' (warm-up round with compiling: {warm:.1f} s)' if compile else ''}", flush=True)
     finally:
         engine.close()
         del engine
@@ -103,6 +112,7 @@ def main() -> None:
     parser.add_argument("--batch", default="1,4", help="decode batch sizes, comma-separated")
     parser.add_argument("--steps", type=int, default=32, help="timed decode steps per repeat")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time compiled decode steps (TP=1 and TP=2)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: check that it runs, figures mean nothing")
     args = parser.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
@@ -114,12 +124,20 @@ def main() -> None:
         one = measure(folder, 1, batches, steps, repeats, threads=cores)
         half = measure(folder, 1, batches, steps, repeats, threads=max(1, cores // 2))
         two = measure(folder, 2, batches, steps, repeats)
+        if args.compile:
+            one_compiled = measure(folder, 1, batches, steps, repeats, threads=cores, compile=True)
+            two_compiled = measure(folder, 2, batches, steps, repeats, compile=True)
     print(f"\nsummary (decode tokens/s; TP=1 with {cores} and {max(1, cores // 2)} thread(s), TP=2 with "
           f"{max(1, cores // 2)} per rank):")
     for batch in batches:
         print(f"  batch {batch}: TP=1 {batch / one[batch]:.1f} / {batch / half[batch]:.1f}, TP=2 {batch / two[batch]:.1f};"
               f" ratio TP=2/TP=1 {one[batch] / two[batch]:.2f}x (same cores), {half[batch] / two[batch]:.2f}x "
               "(same threads per process)")
+    if args.compile:
+        print("compiled decode steps over eager (same run):")
+        for batch in batches:
+            print(f"  batch {batch}: TP=1 {one[batch] / one_compiled[batch]:.2f}x, TP=2 {two[batch] / two_compiled[batch]:.2f}x; "
+                  f"TP=2/TP=1 compiled {one_compiled[batch] / two_compiled[batch]:.2f}x (same cores)")
 
 
 if __name__ == "__main__":
